@@ -1,0 +1,54 @@
+"""Per-sequence log-probabilities from logits and a loss mask. Pure torch: no Ray, no MLflow.
+
+A sequence's log-prob is  sum_t mask[t] * log p(ids[t] | ids[<t]),  where the logits at position
+t-1 predict ids[t]. Only the masked (reply) positions are scored: the prompt, usually most of the
+tokens, never reaches log-softmax, and no full (B, T, V) float32 log_softmax copy is made.
+"""
+from __future__ import annotations
+
+import torch
+
+CHUNK_TOKENS = 1024  # rows of (N, V) upcast to fp32 at a time: bounds the extra memory to CHUNK_TOKENS * V * 4 bytes
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] for each row, computed as logit[target] - logsumexp(logits) in fp32.
+
+    logits (N, V) any float dtype, targets (N,) int -> (N,) float32.
+    """
+    out = []
+    for start in range(0, logits.shape[0], CHUNK_TOKENS):
+        x = logits[start : start + CHUNK_TOKENS].float()  # (n, V) fp32: the only upcast copy
+        t = targets[start : start + CHUNK_TOKENS]
+        out.append(x.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1))
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+
+
+def reply_positions(loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, col) of the logits that predict a masked token: col = t - 1 for each mask[row, t] = 1."""
+    shifted = loss_mask[:, 1:].bool()  # (B, T-1): target t+1 is predicted from position t
+    rows, cols = shifted.nonzero(as_tuple=True)
+    return rows, cols
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of masked-token log-probs per sequence.
+
+    Args:
+        logits: (B, T, V) model outputs.
+        input_ids: (B, T) token ids.
+        loss_mask: (B, T) 1 where the token belongs to the scored reply (mask[:, 0] is ignored:
+            nothing predicts the first token).
+    Returns:
+        logps (B,) float32 sums, and token counts (B,) int64.
+    """
+    rows, cols = reply_positions(loss_mask)
+    per_token = token_logps(logits[rows, cols], input_ids[rows, cols + 1])  # (N,)
+    return gather_sums(per_token, rows, input_ids.shape[0])
+
+
+def gather_sums(per_token: torch.Tensor, rows: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scatter per-token log-probs back to their sequences: (B,) sums and (B,) counts."""
+    sums = per_token.new_zeros(batch).index_add(0, rows, per_token)
+    counts = torch.bincount(rows, minlength=batch)
+    return sums, counts

@@ -1,0 +1,106 @@
+"""Resolve, load and fingerprint models and tokenizers (local HF directory, hub id, or the demo model)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("dpo_ray")
+
+DEMO_PREFIX = "demo:"
+
+
+class ModelError(ValueError):
+    """A model or tokenizer the user named cannot be used."""
+
+
+def resolve_model(name: str, cache_dir: str | Path) -> str:
+    """A local directory (absolute path), a hub id (unchanged), or demo:tiny-llama (built once under cache_dir)."""
+    if name.startswith(DEMO_PREFIX):
+        if name != "demo:tiny-llama":
+            raise ModelError(f"unknown demo model {name!r}; the embedded default is demo:tiny-llama")
+        from .demo import DEMO_MODEL_VERSION, build_demo_model
+
+        out = Path(cache_dir).resolve() / "models" / f"demo-tiny-llama-{DEMO_MODEL_VERSION}"
+        if not (out / "config.json").exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+            build_demo_model(tmp)
+            try:
+                tmp.rename(out)
+            except OSError:  # another process built it first
+                shutil.rmtree(tmp, ignore_errors=True)
+            log.info("built the demo model and tokenizer in %s", out)
+        return str(out)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists() and not (path / "tokenizer_config.json").exists():
+            raise ModelError(f"{name} is not a Hugging Face model directory (no config.json or tokenizer_config.json)")
+        return str(path.resolve())
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name:
+        raise ModelError(f"model path {name} does not exist; give a local Hugging Face directory or a hub id like org/name")
+    return name  # a hub id: transformers resolves it (from its local cache when offline)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load tokenizer {name}: {str(e).splitlines()[0]}") from e
+    if not tok.chat_template:
+        raise ModelError(f"tokenizer {name} has no chat template; use the SFT model's tokenizer (model.tokenizer) or add chat_template to its tokenizer_config.json")
+    if tok.eos_token_id is None:
+        raise ModelError(f"tokenizer {name} has no eos_token; set eos_token in its tokenizer_config.json")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is masked out; any id will do
+    return tok
+
+
+def load_model(name: str, trust_remote_code: bool = False, dtype=None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {name}: {str(e).splitlines()[0]}") from e
+
+
+def _hash_file(h, path: Path) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
+def fingerprint_model(name: str) -> str:
+    """Content hash of a local model's config and weights; for a hub id, of the id and its cached commit."""
+    h = hashlib.sha256()
+    path = Path(name)
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            if f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".pt") or f.name.endswith(".index.json"):
+                h.update(f.name.encode())
+                _hash_file(h, f)
+    else:
+        h.update(f"hub:{name}".encode())
+        try:
+            from huggingface_hub import snapshot_download
+
+            h.update(Path(snapshot_download(name, local_files_only=True)).name.encode())  # the commit hash
+        except Exception:  # not in the local cache: the id alone keys it
+            log.warning("reference cache key for %s uses the hub id only (no local snapshot to hash)", name)
+    return h.hexdigest()[:16]
+
+
+def fingerprint_tokenizer(tok) -> str:
+    """Hash of what changes token ids: the vocabulary/merges, special tokens and the chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tok, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(sorted(tok.get_vocab().items())).encode())
+    h.update(repr((tok.chat_template, tok.eos_token, tok.pad_token, tok.bos_token)).encode())
+    return h.hexdigest()[:16]
