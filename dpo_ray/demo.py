@@ -179,7 +179,7 @@ def build_demo_model(out_dir: Path, data_path: Path = DEMO_DATA, seed: int = 0) 
             texts += [m["content"] for m in row["chosen"]] + [row["rejected"][-1]["content"]]
     tokenizer = build_tokenizer(texts)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=352, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
     )

@@ -1,0 +1,65 @@
+"""`dpo-ray run|prepare|reference|train|evaluate CONFIG [--set dotted.key=value ...] [--address ADDR]`.
+
+A user mistake prints one line `dpo-ray: error: ...` and exits 2; bugs keep their traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.artifacts import DataError
+    from pipeline.run import ResourceError
+
+    from .config import ConfigError
+    from .model import ModelError
+    from .tracking import TrackingError
+
+    return (ConfigError, DataError, ModelError, TrackingError, ResourceError, PermissionError, ConnectionError, FileNotFoundError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpo-ray", description="DPO preference training on Ray, tracked in MLflow.")
+    sub = p.add_subparsers(dest="command", required=True)
+    helps = {
+        "run": "all stages: prepare, reference, train, evaluate (done stages are reused)",
+        "prepare": "tokenize and validate the JSONL data into Parquet",
+        "reference": "prepare, then cache the reference model's log-probs",
+        "train": "prepare and reference (cached), then train the policy and export it",
+        "evaluate": "evaluate <output_dir>/model on the eval split against the reference",
+    }
+    for name, text in helps.items():
+        s = sub.add_parser(name, help=text, description=text)
+        s.add_argument("config", help="YAML experiment file, e.g. configs/demo.yaml")
+        s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+        s.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray runtime)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from pipeline.run import COMMANDS, run, setup_logging
+
+        setup_logging()
+        summary = run(cfg, COMMANDS[args.command], address=args.address)
+    except _user_errors() as e:
+        print(f"dpo-ray: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dpo-ray: interrupted", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

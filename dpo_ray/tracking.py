@@ -1,0 +1,106 @@
+"""MLflow: tracking URI and reachability, the experiment (created on the driver), and the rank-0 metric logger.
+
+Workers log with `MlflowClient.log_batch(run_id, ...)`; other ranks, and runs with tracking off, get a
+no-op logger so the loop has no `if rank == 0` around each call. Metric writes are buffered, retried,
+and reported as lost in the log if the server stays away: never dropped silently, never a crash.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+log = logging.getLogger("dpo_ray")
+
+
+class TrackingError(ValueError):
+    """The MLflow tracking store cannot be used."""
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db. sqlite paths are made absolute."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+                if r.status != 200:
+                    raise OSError(f"HTTP {r.status}")
+        except OSError as e:
+            raise TrackingError(f"MLflow server {uri} does not answer ({e}); start it with "
+                                f"`mlflow server --host 127.0.0.1 --port 5000` or set mlflow.tracking_uri") from None
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not os.access(db.parent if db.parent.exists() else Path.cwd(), os.W_OK):
+            raise TrackingError(f"MLflow store {db} is not writable; set mlflow.tracking_uri to a writable place")
+
+
+def default_artifact_location(uri: str, experiment: str) -> str | None:
+    """For a sqlite store: <db dir>/mlartifacts/<experiment>, a lasting place (not a Ray temp folder)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / experiment).as_uri()
+    return None  # a server decides (its --artifacts-destination)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=default_artifact_location(uri, name))
+
+
+class RunLogger:
+    """Buffers metrics and writes them with log_batch; retries, then logs how many values were lost."""
+
+    def __init__(self, uri: str, run_id: str, retries: int = 3, backoff_s: float = 1.0):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id, self.retries, self.backoff_s = MlflowClient(uri), run_id, retries, backoff_s
+        self.buffer: list = []
+        self.lost = 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.buffer += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+
+    def flush(self) -> None:
+        while self.buffer:
+            chunk = self.buffer[:1000]  # MLflow's log_batch limit
+            for attempt in range(self.retries):
+                try:
+                    self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+                    break
+                except Exception as e:  # a server away, a locked db: retry, then count as lost
+                    if attempt == self.retries - 1:
+                        self.lost += len(chunk)
+                        log.error("MLflow: %d metric values lost after %d tries (%s); %d lost in this run so far",
+                                  len(chunk), self.retries, str(e).splitlines()[0][:200], self.lost)
+                    else:
+                        time.sleep(self.backoff_s * 2**attempt)
+            self.buffer = self.buffer[len(chunk):]
+
+
+class NoLogger:
+    lost = 0
+
+    def log_metrics(self, metrics, step) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def run_logger(uri: str | None, run_id: str | None, enabled: bool):
+    return RunLogger(uri, run_id) if enabled and uri and run_id else NoLogger()

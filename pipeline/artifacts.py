@@ -1,0 +1,89 @@
+"""Fingerprints, input discovery, atomic directory writes and completion markers."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+DONE = "_COMPLETE"  # written last, inside the temporary directory, before the rename into place
+
+
+class DataError(ValueError):
+    """Input data that cannot be used (missing file, too many bad rows)."""
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resolve_data_files(specs: list[str]) -> list[Path]:
+    """JSONL files from paths, directories (their *.jsonl) and globs; demo:pairs is the bundled set."""
+    files: list[Path] = []
+    for spec in specs:
+        if spec == "demo:pairs":
+            from dpo_ray.demo import DEMO_DATA
+
+            files.append(DEMO_DATA)
+        elif any(c in spec for c in "*?["):
+            found = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+            if not found:
+                raise DataError(f"data: no file matches {spec}")
+            files += found
+        elif Path(spec).expanduser().is_dir():
+            found = sorted(Path(spec).expanduser().glob("*.jsonl"))
+            if not found:
+                raise DataError(f"data: directory {spec} has no *.jsonl files")
+            files += found
+        elif Path(spec).expanduser().is_file():
+            files.append(Path(spec).expanduser())
+        else:
+            raise DataError(f"data file {spec} not found (give a JSONL file, a directory of them, or a glob)")
+    return [f.resolve() for f in files]
+
+
+def hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / DONE).exists()
+
+
+@contextmanager
+def atomic_dir(final: Path):
+    """Yield a temporary sibling directory; on success mark it complete and rename it to `final`.
+
+    A crash leaves only a `.tmp-*` directory, which no reader mistakes for a finished artifact.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        (tmp / DONE).write_text("ok\n")
+        if final.exists():  # an earlier incomplete copy, or a concurrent writer that finished first
+            if is_complete(final):
+                shutil.rmtree(tmp)
+                return
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)

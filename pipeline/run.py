@@ -1,0 +1,209 @@
+"""The driver: prepare -> reference -> train -> evaluate, skipping what is cached; one MLflow run per call.
+
+Checks that cost nothing come first (output dir, models, MLflow, Ray, resources), so a user mistake
+is reported before any expensive work.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from dpo_ray.config import Config, flatten, masked, to_yaml
+from dpo_ray.model import load_tokenizer, resolve_model
+from dpo_ray.tracking import check_reachable, ensure_experiment, resolve_tracking_uri
+
+from . import evaluate, prepare, reference, train
+from .artifacts import atomic_dir, fingerprint, write_json_atomic
+
+log = logging.getLogger("dpo_ray")
+STAGES = ("prepare", "reference", "train", "evaluate")
+DATA_HEADROOM_CPUS = 0.5  # left free for Ray Data read tasks: with none free, a dataset waits forever
+
+
+class ResourceError(RuntimeError):
+    """The Ray cluster cannot run the requested workers; waiting would hang."""
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("dpo_ray").setLevel(logging.INFO)
+
+
+def check_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"output_dir {path} is not writable ({e.strerror}); set output_dir to a writable directory") from None
+
+
+def start_ray(address: str | None):
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address)
+        except (ConnectionError, RuntimeError, TimeoutError) as e:
+            raise ConnectionError(f"Ray cluster at {address} does not answer ({str(e).splitlines()[0][:160]}); "
+                                  f"check `ray status --address {address}` or unset RAY_ADDRESS to run locally") from None
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def plan_resources(cfg: Config) -> tuple[bool, float]:
+    """(use_gpu, cpus_per_worker), or a ResourceError naming what does not fit."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    t, r = cfg.train, cfg.reference
+    use_gpu = t.use_gpu if t.use_gpu is not None else gpus >= 1
+    if use_gpu and gpus < t.num_workers:
+        raise ResourceError(f"train.use_gpu needs {t.num_workers} GPU(s), the Ray cluster has {gpus:g}; lower train.num_workers or set train.use_gpu=false")
+    cpw = t.cpus_per_worker or min(1.0, (cpus - DATA_HEADROOM_CPUS) / t.num_workers)
+    if cpw <= 0 or t.num_workers * cpw + DATA_HEADROOM_CPUS > cpus + 1e-9:
+        raise ResourceError(f"train needs {t.num_workers} x {cpw:g} CPUs plus {DATA_HEADROOM_CPUS} for data, the Ray cluster has {cpus:g}; "
+                            f"lower train.num_workers or train.cpus_per_worker")
+    if r.num_actors * r.cpus_per_actor + DATA_HEADROOM_CPUS > cpus + 1e-9:
+        raise ResourceError(f"reference needs {r.num_actors} x {r.cpus_per_actor:g} CPUs plus {DATA_HEADROOM_CPUS} for reading, "
+                            f"the Ray cluster has {cpus:g}; lower reference.num_actors or reference.cpus_per_actor")
+    return use_gpu, cpw
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_name(cfg: Config, prepared_key: str) -> str:
+    model = Path(cfg.model.policy.rstrip("/")).name.replace("demo:", "")
+    t = cfg.train
+    return cfg.mlflow.run_name or f"{model}-data{prepared_key[:8]}-{t.loss_type}-b{t.beta:g}-lr{t.lr:g}-e{t.epochs}"
+
+
+def export_model(checkpoint, tokenizer, out: Path) -> Path:
+    """The final checkpoint's HF files + tokenizer -> <output_dir>/model, written aside and renamed into place."""
+    with atomic_dir(out.parent / (out.name + ".new")) as tmp:
+        with checkpoint.as_directory() as d:
+            for f in Path(d).iterdir():
+                if f.name in ("config.json", "generation_config.json") or f.suffix == ".safetensors" and f.name != "rng.safetensors":
+                    shutil.copy2(f, tmp / f.name)
+        tokenizer.save_pretrained(tmp)
+    new = out.parent / (out.name + ".new")
+    (new / "_COMPLETE").unlink()
+    old = out.parent / (out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+COMMANDS = {  # CLI command -> stages it runs; prepare and reference are cache look-ups when already done
+    "prepare": ("prepare",),
+    "reference": ("prepare", "reference"),
+    "train": ("prepare", "reference", "train"),
+    "evaluate": ("prepare", "reference", "evaluate"),
+    "run": STAGES,
+}
+
+
+def run(cfg: Config, stages: tuple[str, ...] = STAGES, address: str | None = None) -> dict:
+    """Runs `stages` in order; returns the summary (also written to <output_dir>/summary.json)."""
+    import mlflow
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    t_start = time.time()
+    out_dir = Path(cfg.output_dir).resolve()
+    check_output_dir(out_dir)
+    cache = Path(cfg.cache_dir).resolve()
+    policy_path = resolve_model(cfg.model.policy, cache)
+    reference_path = resolve_model(cfg.model.reference, cache) if cfg.model.reference else policy_path
+    tokenizer_path = resolve_model(cfg.model.tokenizer, cache) if cfg.model.tokenizer else policy_path
+    tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    check_reachable(uri)
+    started_ray = start_ray(address)
+    client, run_id = None, None
+    try:
+        use_gpu, cpus_per_worker = plan_resources(cfg)
+        prepared = prepare.run(cfg, tokenizer_path, rejects_copy=out_dir / "rejects.jsonl")
+        summary = {"output_dir": str(out_dir), "tracking_uri": uri, "reference_model_dir": reference_path,
+                   "data": {**{k: prepared.stats[k] for k in ("rows_read", "rows_used", "rows_rejected", "duplicates", "blank_lines",
+                                                              "train_rows", "eval_rows", "truncated", "rejects_by_reason")},
+                            "rejects_file": str(out_dir / "rejects.jsonl"), "prepared": str(prepared.path), "hit": prepared.hit}}
+        if stages == ("prepare",):
+            return summary
+        ref = reference.run(cfg, prepared, reference_path, tokenizer_path, use_gpu)
+        summary["reference_cache"] = {"path": str(ref.path), "key": ref.key, "hit": ref.hit}
+        if stages[-1] == "reference":
+            return summary
+
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
+        exp_id = ensure_experiment(uri, cfg.mlflow.experiment)
+        tags = {"dataset_fingerprint": prepared.key, "reference_cache_key": ref.key, "dpo_ray.stages": ",".join(stages),
+                "mlflow.source.name": "dpo-ray", **({"git_commit": c} if (c := git_commit()) else {})}
+        run_id = client.create_run(exp_id, run_name=run_name(cfg, prepared.key), tags=tags).info.run_id
+        summary["mlflow_run_id"] = run_id
+        params = {k: str(v)[:6000] for k, v in flatten(masked(cfg.model_dump())).items()}
+        from mlflow.entities import Metric, Param
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+        client.log_text(run_id, to_yaml(Config.model_validate(masked(cfg.model_dump()))), "config.yaml")
+        client.log_dict(run_id, prepared.stats, "data_stats.json")
+        client.log_batch(run_id, metrics=[Metric(f"data/{k}", float(prepared.stats[k]), int(time.time() * 1000), 0)
+                                          for k in ("rows_read", "rows_used", "rows_rejected", "duplicates", "truncated")])
+        client.log_artifact(run_id, str(out_dir / "rejects.jsonl"))
+
+        model_dir = out_dir / "model"
+        if "train" in stages:
+            result = train.run(cfg, ref.path, policy_path, tokenizer.pad_token_id, use_gpu, cpus_per_worker, uri, run_id)
+            if result.error:
+                raise result.error
+            export_model(result.checkpoint, tokenizer, model_dir)
+            m = result.metrics or {}
+            summary["train"] = {"steps": m.get("step"), "loss_first": m.get("loss_first"), "loss_last": m.get("loss_last"),
+                                "tokens_per_second": m.get("tokens_per_second")}
+        summary["model_dir"] = str(model_dir)
+        if "evaluate" in stages:
+            if not model_dir.exists():
+                raise FileNotFoundError(f"evaluate: no trained model at {model_dir}; run `dpo-ray train` first")
+            ev = evaluate.run(cfg, ref, model_dir, reference_path, tokenizer_path, use_gpu)
+            client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), summary.get("train", {}).get("steps") or 0) for k, v in ev.items()])
+            summary["eval"] = {k[len("eval/"):]: v for k, v in ev.items() if not k.startswith("eval/reference/")}
+            summary["eval_reference"] = {k[len("eval/reference/"):]: v for k, v in ev.items() if k.startswith("eval/reference/")}
+            client.log_artifacts(run_id, str(model_dir), "model")
+        summary["wall_seconds"] = round(time.time() - t_start, 1)
+        write_json_atomic(out_dir / "summary.json", summary)
+        (out_dir / "config.yaml").write_text(to_yaml(Config.model_validate(masked(cfg.model_dump()))))
+        client.log_artifact(run_id, str(out_dir / "summary.json"))
+        client.set_terminated(run_id, "FINISHED")
+        log.info("done in %.0f s: model %s | summary %s | MLflow run %s at %s", summary["wall_seconds"], model_dir, out_dir / "summary.json", run_id, uri)
+        return summary
+    except BaseException:
+        if client is not None and run_id is not None:
+            try:
+                client.set_terminated(run_id, "FAILED")
+            except Exception:  # the store may be what failed
+                pass
+        raise
+    finally:
+        if started_ray:
+            ray.shutdown()
+
