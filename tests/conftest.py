@@ -1,0 +1,74 @@
+"""Shared fixtures: a real local Ray runtime (2 CPUs), a real MLflow sqlite store, the demo model built once."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def demo_model(cache_dir) -> str:
+    from dpo_ray.model import resolve_model
+
+    return resolve_model("demo:tiny-llama", cache_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_model):
+    from dpo_ray.model import load_tokenizer
+
+    return load_tokenizer(demo_model)
+
+
+@pytest.fixture(scope="session")
+def minimind_tokenizer():
+    path = SHARED / "minimind_tokenizer"
+    if not path.exists():
+        pytest.skip("../shared/data/minimind_tokenizer is absent")
+    from dpo_ray.model import load_tokenizer
+
+    return load_tokenizer(str(path))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_pairs(tmp_path_factory) -> Path:
+    """The first 240 demo pairs as a JSONL file: enough to train a few steps and evaluate."""
+    from dpo_ray.demo import DEMO_DATA
+
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    with open(DEMO_DATA, encoding="utf-8") as f:
+        path.write_text("".join(line for _, line in zip(range(240), f)))
+    return path
+
+
+def small_config(tmp_path: Path, cache_dir: Path, data: Path, **overrides) -> list[str]:
+    """--set style overrides for a run that takes seconds: tiny data, few steps, its own MLflow sqlite store."""
+    sets = {
+        "output_dir": str(tmp_path / "out"), "cache_dir": str(cache_dir), "data.train": json.dumps([str(data)]),
+        "data.max_length": "96", "data.eval_fraction": "0.1", "train.batch_size_per_worker": "4", "train.max_steps": "6",
+        "train.checkpoint_every": "3", "train.log_every": "2", "train.lr": "3e-3", "reference.batch_size": "32",
+        "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    sets.update(overrides)
+    return [f"{k}={v}" for k, v in sets.items()]

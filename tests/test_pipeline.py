@@ -1,0 +1,111 @@
+"""The pipeline end to end on a real local Ray runtime and a real MLflow sqlite store.
+
+One `dpo-ray run` through the console script (as a user runs it), then in-process reruns that must
+reuse the prepared data and reference cache and resume training from its storage path.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import small_config
+
+pytestmark = pytest.mark.slow
+TRL_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+             "logps/rejected", "grad_norm", "learning_rate", "tokens_per_second"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, cache_dir, small_pairs, demo_model):
+    tmp = tmp_path_factory.mktemp("cli")
+    sets = small_config(tmp, cache_dir, small_pairs)
+    cmd = [str(Path(sys.executable).parent / "dpo-ray"), "run", "configs/demo.yaml"] + [a for s in sets for a in ("--set", s)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return tmp, sets, json.loads((tmp / "out" / "summary.json").read_text()), proc
+
+
+def test_summary_contract(cli_run):
+    tmp, _, s, proc = cli_run
+    assert set(s) >= {"mlflow_run_id", "tracking_uri", "model_dir", "reference_model_dir", "data", "reference_cache", "train", "eval"}
+    d = s["data"]
+    assert d["rows_read"] == 240 and d["rows_used"] + d["rows_rejected"] + d["duplicates"] == 240
+    assert Path(d["rejects_file"]).exists()
+    assert s["reference_cache"]["hit"] is False and Path(s["reference_cache"]["path"]).is_dir()
+    assert s["train"]["steps"] == 6 and s["train"]["loss_first"] == pytest.approx(0.6931, abs=2e-3)  # policy == reference at step 1
+    assert s["train"]["loss_last"] < s["train"]["loss_first"] and s["train"]["tokens_per_second"] > 0
+    assert 0.0 <= s["eval"]["rewards/accuracies"] <= 1.0
+    # the reference scored against its own cache: chance accuracy, zero margin
+    assert s["eval_reference"]["rewards/accuracies"] == 0.5 and abs(s["eval_reference"]["rewards/margins"]) < 1e-4
+    assert "step 6/6 | loss" in proc.stderr + proc.stdout and "ETA" in proc.stderr + proc.stdout
+
+
+def test_exported_model_loads_with_transformers(cli_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, _, s, _ = cli_run
+    model = AutoModelForCausalLM.from_pretrained(s["model_dir"])
+    tok = AutoTokenizer.from_pretrained(s["model_dir"])
+    assert (Path(s["model_dir"]) / "model.safetensors").exists() and tok.chat_template
+    base = AutoModelForCausalLM.from_pretrained(s["reference_model_dir"])
+    moved = sum((a - b).abs().sum().item() for a, b in zip(model.parameters(), base.parameters()))
+    assert moved > 0  # training changed the weights the reference still has
+
+
+def test_mlflow_run_has_metrics_params_and_artifacts(cli_run):
+    from mlflow.tracking import MlflowClient
+
+    _, _, s, _ = cli_run
+    client = MlflowClient(s["tracking_uri"])
+    run = client.get_run(s["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    for name in TRL_NAMES:
+        assert len(client.get_metric_history(run.info.run_id, f"train/{name}")) == 6, name
+    assert run.data.metrics["eval/rewards/accuracies"] == pytest.approx(s["eval"]["rewards/accuracies"])
+    assert run.data.params["train.beta"] == "0.1" and run.data.tags["dataset_fingerprint"] == Path(s["data"]["prepared"]).name
+    assert run.data.tags["reference_cache_key"] == s["reference_cache"]["key"]
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "data_stats.json", "model", "summary.json", "rejects.jsonl"} <= arts
+    assert "model/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+
+
+def test_cached_reference_logps_equal_a_direct_forward(cli_run):
+    from transformers import AutoModelForCausalLM
+
+    _, _, s, _ = cli_run
+    table = pq.read_table(Path(s["reference_cache"]["path"]) / "train").slice(0, 5)
+    model = AutoModelForCausalLM.from_pretrained(s["reference_model_dir"]).eval()
+    for row in table.to_pylist():
+        for side in ("chosen", "rejected"):
+            ids = torch.tensor([row[f"{side}_input_ids"]])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(input_ids=ids).logits.double(), -1)[0]
+            mask = row[f"{side}_loss_mask"]
+            want = sum(lp[t - 1, ids[0, t]].item() for t in range(1, len(mask)) if mask[t])
+            assert row[f"ref_{side}_logps"] == pytest.approx(want, abs=2e-3, rel=1e-5)
+
+
+def test_rerun_reuses_caches_and_resumes_training(cli_run, ray_local):
+    from mlflow.tracking import MlflowClient
+
+    from dpo_ray.config import load_config
+    from pipeline.run import run
+
+    tmp, sets, first, _ = cli_run
+    cfg = load_config("configs/demo.yaml", sets)
+    again = run(cfg)
+    assert again["data"]["hit"] and again["reference_cache"]["hit"]
+    assert again["reference_cache"]["key"] == first["reference_cache"]["key"]
+    assert again["train"]["steps"] == 6
+    # resumed from the final checkpoint in its storage path: no step was trained again
+    assert MlflowClient(again["tracking_uri"]).get_metric_history(again["mlflow_run_id"], "train/loss") == []
+    assert again["eval"]["rewards/accuracies"] == pytest.approx(first["eval"]["rewards/accuracies"], abs=1e-6)
+    # a different max_length is different prepared data: a new key all the way down
+    changed = run(load_config("configs/demo.yaml", sets + ["data.max_length=80"]), stages=("prepare", "reference"))
+    assert not changed["data"]["hit"] and changed["reference_cache"]["key"] != first["reference_cache"]["key"]
