@@ -13,13 +13,13 @@ USER_ERRORS: tuple[type[BaseException], ...] = ()
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.artifacts import DataError
-    from pipeline.run import ResourceError
+    from pipeline.run import ResourceError, TrainingError
 
     from .config import ConfigError
     from .model import ModelError
     from .tracking import TrackingError
 
-    return (ConfigError, DataError, ModelError, TrackingError, ResourceError, PermissionError, ConnectionError, FileNotFoundError)
+    return (ConfigError, DataError, ModelError, TrackingError, ResourceError, TrainingError, PermissionError, ConnectionError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,7 @@ class ModelConfig(_Strict):
     reference: str | None = None  # defaults to the policy
     tokenizer: str | None = None  # defaults to the policy
     trust_remote_code: bool = False  # runs code shipped with the model: only for models you trust
+    hf_token: str | None = None  # for private hub models; prefer the HF_TOKEN environment variable. Masked in logs
 
 
 class DataConfig(_Strict):
@@ -34,7 +35,8 @@ class DataConfig(_Strict):
     eval: list[str] | None = None  # a held-out file; else eval_fraction of train
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     max_length: int = Field(512, ge=8)  # tokens per sequence (prompt + reply + EOS)
-    max_prompt_length: int | None = None  # prompt is cut from the left to this; default max_length // 2
+    max_prompt_length: int | None = None  # prompt is cut from the left to this; default max_length // 2.
+    # Set it to max_length to keep as much prompt as fits: pairs whose prompt leaves no room for a reply are rejected.
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)  # more rejected rows than this stops the run
 
     @model_validator(mode="before")
@@ -47,8 +49,8 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> "DataConfig":
-        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
-            raise ValueError(f"data.max_prompt_length ({self.max_prompt_length}) must be below data.max_length ({self.max_length})")
+        if self.max_prompt_length is not None and self.max_prompt_length > self.max_length:
+            raise ValueError(f"data.max_prompt_length ({self.max_prompt_length}) must be at most data.max_length ({self.max_length})")
         return self
 
     @property

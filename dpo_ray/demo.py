@@ -171,6 +171,9 @@ def build_demo_model(out_dir: Path, data_path: Path = DEMO_DATA, seed: int = 0) 
     """Write tokenizer + randomly initialised tiny Llama (HF format, safetensors) to out_dir."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a one-off build of a 1M-parameter model needs no bar
 
     texts = []
     with open(data_path, encoding="utf-8") as f:

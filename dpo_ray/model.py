@@ -45,11 +45,11 @@ def resolve_model(name: str, cache_dir: str | Path) -> str:
     return name  # a hub id: transformers resolves it (from its local cache when offline)
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False):
+def load_tokenizer(name: str, trust_remote_code: bool = False, token: str | None = None):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, token=token)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load tokenizer {name}: {str(e).splitlines()[0]}") from e
     if not tok.chat_template:
@@ -61,12 +61,12 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(name: str, trust_remote_code: bool = False, dtype=None):
+def load_model(name: str, trust_remote_code: bool = False, dtype=None, token: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, token=token)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {name}: {str(e).splitlines()[0]}") from e
 

@@ -20,13 +20,14 @@ def scoring_dtype(use_gpu: bool) -> torch.dtype:
 
 
 class LogpsScorer:
-    def __init__(self, model_path: str, tokenizer_path: str, prefix: str, trust_remote_code: bool = False, threads: int | None = None):
+    def __init__(self, model_path: str, tokenizer_path: str, prefix: str, trust_remote_code: bool = False, threads: int | None = None,
+                 token: str | None = None):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(threads or os.cpu_count() or 1)
         dtype = scoring_dtype(self.device.type == "cuda")
-        self.model = PolicyLogps(load_model(model_path, trust_remote_code, dtype=dtype)).to(self.device).eval()
-        self.pad_id = load_tokenizer(tokenizer_path, trust_remote_code).pad_token_id
+        self.model = PolicyLogps(load_model(model_path, trust_remote_code, dtype=dtype, token=token)).to(self.device).eval()
+        self.pad_id = load_tokenizer(tokenizer_path, trust_remote_code, token).pad_token_id
         self.prefix = prefix
 
     def __call__(self, table: pa.Table) -> pa.Table:

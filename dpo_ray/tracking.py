@@ -13,6 +13,10 @@ import urllib.request
 from pathlib import Path
 
 log = logging.getLogger("dpo_ray")
+# MLflow's HTTP client retries 7 times with exponential backoff (minutes) by default; we retry ourselves
+# and report what was lost, so a dead server must fail fast. Set these variables to override.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 class TrackingError(ValueError):
@@ -60,7 +64,11 @@ def ensure_experiment(uri: str, name: str) -> str:
 
 
 class RunLogger:
-    """Buffers metrics and writes them with log_batch; retries, then logs how many values were lost."""
+    """Buffers metrics and writes them with log_batch; retries, then logs how many values were lost.
+
+    The driver uses `call` for everything else it writes to the run (params, artifacts, status):
+    a failure there is logged as lost, and the pipeline goes on.
+    """
 
     def __init__(self, uri: str, run_id: str, retries: int = 3, backoff_s: float = 1.0):
         from mlflow.tracking import MlflowClient
@@ -68,6 +76,16 @@ class RunLogger:
         self.client, self.run_id, self.retries, self.backoff_s = MlflowClient(uri), run_id, retries, backoff_s
         self.buffer: list = []
         self.lost = 0
+
+    def call(self, what: str, fn, *args, **kwargs):
+        for attempt in range(self.retries):
+            try:
+                return fn(self.run_id, *args, **kwargs)
+            except Exception as e:
+                if attempt == self.retries - 1:
+                    log.error("MLflow: %s lost after %d tries (%s)", what, self.retries, str(e).splitlines()[0][:200])
+                    return None
+                time.sleep(self.backoff_s * 2**attempt)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

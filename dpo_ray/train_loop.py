@@ -99,7 +99,7 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = min(steps_per_epoch * t.epochs, t.max_steps or 10**12)
 
     # [2] model and optimizer (fp32 master weights; bf16 only inside autocast)
-    model = load_model(config["policy_path"], cfg.model.trust_remote_code)
+    model = load_model(config["policy_path"], cfg.model.trust_remote_code, token=cfg.model.hf_token)
     policy = ray.train.torch.prepare_model(PolicyLogps(model))  # DDP on >1 worker; moves to device
     optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
     bf16 = use_bf16(t.bf16, device)

@@ -100,7 +100,7 @@ def run(cfg, tokenizer_path: str, rejects_copy: Path | None = None) -> Prepared:
 
     files = resolve_data_files(cfg.data.train)
     eval_files = resolve_data_files(cfg.data.eval) if cfg.data.eval else []
-    tok = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
+    tok = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.hf_token)
     key = fingerprint("prepare", VERSION, [hash_file(f) for f in files], [hash_file(f) for f in eval_files],
                       fingerprint_tokenizer(tok), cfg.data.max_length, cfg.data.prompt_budget,
                       None if eval_files else cfg.data.eval_fraction)

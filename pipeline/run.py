@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from dpo_ray.model import load_tokenizer, resolve_model
 from dpo_ray.tracking import check_reachable, ensure_experiment, resolve_tracking_uri
 
 from . import evaluate, prepare, reference, train
-from .artifacts import atomic_dir, fingerprint, write_json_atomic
+from .artifacts import atomic_dir, resolve_data_files, write_json_atomic
 
 log = logging.getLogger("dpo_ray")
 STAGES = ("prepare", "reference", "train", "evaluate")
@@ -27,6 +28,10 @@ DATA_HEADROOM_CPUS = 0.5  # left free for Ray Data read tasks: with none free, a
 
 class ResourceError(RuntimeError):
     """The Ray cluster cannot run the requested workers; waiting would hang."""
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user can act on (non-finite loss, too many worker failures)."""
 
 
 def setup_logging() -> None:
@@ -47,9 +52,11 @@ def check_output_dir(path: Path) -> None:
 def start_ray(address: str | None):
     import ray
 
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_ray_address(address)
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         try:
             ray.init(address=address)
@@ -59,6 +66,19 @@ def start_ray(address: str | None):
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
     return True
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """A TCP connect first: ray.init on an address nobody answers retries for minutes."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise ConnectionError(f"Ray cluster at {address} does not answer ({e}); start it with `ray start --head` "
+                              f"or fix RAY_ADDRESS / --address (unset it to run a local Ray runtime)") from None
 
 
 def plan_resources(cfg: Config) -> tuple[bool, float]:
@@ -125,22 +145,27 @@ COMMANDS = {  # CLI command -> stages it runs; prepare and reference are cache l
 
 def run(cfg: Config, stages: tuple[str, ...] = STAGES, address: str | None = None) -> dict:
     """Runs `stages` in order; returns the summary (also written to <output_dir>/summary.json)."""
-    import mlflow
     import ray
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
+    from dpo_ray.tracking import RunLogger
+
+    # checks that cost nothing, before any Ray or model work
     t_start = time.time()
     out_dir = Path(cfg.output_dir).resolve()
     check_output_dir(out_dir)
+    resolve_data_files(cfg.data.train + (cfg.data.eval or []))
     cache = Path(cfg.cache_dir).resolve()
     policy_path = resolve_model(cfg.model.policy, cache)
     reference_path = resolve_model(cfg.model.reference, cache) if cfg.model.reference else policy_path
     tokenizer_path = resolve_model(cfg.model.tokenizer, cache) if cfg.model.tokenizer else policy_path
-    tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.hf_token)
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    check_reachable(uri)
+    if "train" in stages or "evaluate" in stages:
+        check_reachable(uri)
     started_ray = start_ray(address)
-    client, run_id = None, None
+    tracker = None
     try:
         use_gpu, cpus_per_worker = plan_resources(cfg)
         prepared = prepare.run(cfg, tokenizer_path, rejects_copy=out_dir / "rejects.jsonl")
@@ -148,62 +173,72 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, address: str | None = Non
                    "data": {**{k: prepared.stats[k] for k in ("rows_read", "rows_used", "rows_rejected", "duplicates", "blank_lines",
                                                               "train_rows", "eval_rows", "truncated", "rejects_by_reason")},
                             "rejects_file": str(out_dir / "rejects.jsonl"), "prepared": str(prepared.path), "hit": prepared.hit}}
-        if stages == ("prepare",):
+        if "reference" not in stages:
             return summary
         ref = reference.run(cfg, prepared, reference_path, tokenizer_path, use_gpu)
         summary["reference_cache"] = {"path": str(ref.path), "key": ref.key, "hit": ref.hit}
         if stages[-1] == "reference":
             return summary
 
-        mlflow.set_tracking_uri(uri)
-        client = MlflowClient(uri)
         exp_id = ensure_experiment(uri, cfg.mlflow.experiment)
         tags = {"dataset_fingerprint": prepared.key, "reference_cache_key": ref.key, "dpo_ray.stages": ",".join(stages),
                 "mlflow.source.name": "dpo-ray", **({"git_commit": c} if (c := git_commit()) else {})}
-        run_id = client.create_run(exp_id, run_name=run_name(cfg, prepared.key), tags=tags).info.run_id
+        run_id = MlflowClient(uri).create_run(exp_id, run_name=run_name(cfg, prepared.key), tags=tags).info.run_id
+        tracker = RunLogger(uri, run_id)
         summary["mlflow_run_id"] = run_id
-        params = {k: str(v)[:6000] for k, v in flatten(masked(cfg.model_dump())).items()}
-        from mlflow.entities import Metric, Param
-        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
-        client.log_text(run_id, to_yaml(Config.model_validate(masked(cfg.model_dump()))), "config.yaml")
-        client.log_dict(run_id, prepared.stats, "data_stats.json")
-        client.log_batch(run_id, metrics=[Metric(f"data/{k}", float(prepared.stats[k]), int(time.time() * 1000), 0)
-                                          for k in ("rows_read", "rows_used", "rows_rejected", "duplicates", "truncated")])
-        client.log_artifact(run_id, str(out_dir / "rejects.jsonl"))
+        safe_cfg = masked(cfg.model_dump())
+        tracker.call("params", tracker.client.log_batch, params=[Param(k, str(v)[:6000]) for k, v in flatten(safe_cfg).items()])
+        tracker.call("config.yaml", tracker.client.log_text, to_yaml(Config.model_validate(safe_cfg)), "config.yaml")
+        tracker.call("data_stats.json", tracker.client.log_dict, prepared.stats, "data_stats.json")
+        tracker.call("rejects.jsonl", tracker.client.log_artifact, str(out_dir / "rejects.jsonl"))
+        tracker.log_metrics({f"data/{k}": prepared.stats[k] for k in ("rows_read", "rows_used", "rows_rejected", "duplicates", "truncated")}, step=0)
 
         model_dir = out_dir / "model"
         if "train" in stages:
             result = train.run(cfg, ref.path, policy_path, tokenizer.pad_token_id, use_gpu, cpus_per_worker, uri, run_id)
             if result.error:
-                raise result.error
+                raise training_error(result.error)
             export_model(result.checkpoint, tokenizer, model_dir)
             m = result.metrics or {}
             summary["train"] = {"steps": m.get("step"), "loss_first": m.get("loss_first"), "loss_last": m.get("loss_last"),
-                                "tokens_per_second": m.get("tokens_per_second")}
+                                "tokens_per_second": m.get("tokens_per_second"), "checkpoint": result.checkpoint.path}
         summary["model_dir"] = str(model_dir)
         if "evaluate" in stages:
             if not model_dir.exists():
                 raise FileNotFoundError(f"evaluate: no trained model at {model_dir}; run `dpo-ray train` first")
             ev = evaluate.run(cfg, ref, model_dir, reference_path, tokenizer_path, use_gpu)
-            client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), summary.get("train", {}).get("steps") or 0) for k, v in ev.items()])
+            tracker.log_metrics(ev, step=summary.get("train", {}).get("steps") or 0)
             summary["eval"] = {k[len("eval/"):]: v for k, v in ev.items() if not k.startswith("eval/reference/")}
             summary["eval_reference"] = {k[len("eval/reference/"):]: v for k, v in ev.items() if k.startswith("eval/reference/")}
-            client.log_artifacts(run_id, str(model_dir), "model")
+            tracker.call("model artifacts", tracker.client.log_artifacts, str(model_dir), "model")
         summary["wall_seconds"] = round(time.time() - t_start, 1)
+        tracker.flush()
+        summary["mlflow_values_lost"] = tracker.lost
         write_json_atomic(out_dir / "summary.json", summary)
-        (out_dir / "config.yaml").write_text(to_yaml(Config.model_validate(masked(cfg.model_dump()))))
-        client.log_artifact(run_id, str(out_dir / "summary.json"))
-        client.set_terminated(run_id, "FINISHED")
+        (out_dir / "config.yaml").write_text(to_yaml(Config.model_validate(safe_cfg)))
+        tracker.call("summary.json", tracker.client.log_artifact, str(out_dir / "summary.json"))
+        tracker.call("run status", tracker.client.set_terminated, "FINISHED")
         log.info("done in %.0f s: model %s | summary %s | MLflow run %s at %s", summary["wall_seconds"], model_dir, out_dir / "summary.json", run_id, uri)
         return summary
     except BaseException:
-        if client is not None and run_id is not None:
-            try:
-                client.set_terminated(run_id, "FAILED")
-            except Exception:  # the store may be what failed
-                pass
+        if tracker is not None:
+            tracker.retries = 1
+            tracker.call("run status", tracker.client.set_terminated, "FAILED")
         raise
     finally:
         if started_ray:
             ray.shutdown()
 
+
+def training_error(err: BaseException) -> BaseException:
+    """Ray wraps worker exceptions; surface the user-actionable ones (non-finite loss) as one message."""
+    seen, e = set(), err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, FloatingPointError):
+            return TrainingError(str(e))
+        e = e.__cause__ or e.__context__
+    text = str(err)
+    if "FloatingPointError: " in text:
+        return TrainingError(text.split("FloatingPointError: ", 1)[1].splitlines()[0])
+    return err

@@ -38,7 +38,7 @@ def test_bad_values_and_overrides():
     with pytest.raises(ConfigError, match="expected dotted.key=value"):
         load_config(None, ["train.lr"])
     with pytest.raises(ConfigError, match="max_prompt_length"):
-        load_config(None, ["data.max_length=64", "data.max_prompt_length=64"])
+        load_config(None, ["data.max_length=64", "data.max_prompt_length=65"])
     with pytest.raises(ConfigError, match="not found"):
         load_config("no/such.yaml")
 
