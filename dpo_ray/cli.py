@@ -13,7 +13,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = ()
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.artifacts import DataError
-    from pipeline.run import ResourceError, TrainingError
+    from pipeline.run import ResourceError
+    from pipeline.train import TrainingError
 
     from .config import ConfigError
     from .model import ModelError

@@ -22,7 +22,7 @@ from dpo_ray.model import fingerprint_tokenizer, load_tokenizer
 from .artifacts import DataError, atomic_dir, fingerprint, hash_file, is_complete, resolve_data_files
 
 log = logging.getLogger("dpo_ray")
-VERSION = 1  # bump when the row format or masking changes: part of the key
+VERSION = 2  # bump when the row format or masking changes: part of the key
 ROW_COLUMNS = ["row_id", "chosen_input_ids", "rejected_input_ids", "chosen_loss_mask", "rejected_loss_mask"]
 RAW_CHARS = 500
 
@@ -40,14 +40,14 @@ class Prepared:
 
 
 def split_lines(row: dict) -> list[dict]:
-    """One file's bytes -> one row per line, numbered from 1. A UTF-8 BOM is dropped; CRLF is handled in decode."""
+    """One file's bytes -> one row per line, numbered from 1. A UTF-8 BOM and CRLF line ends are dropped."""
     data: bytes = row["bytes"]
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()  # the newline that ends the last line
-    return [{"path": row["path"], "line_no": i, "raw": line} for i, line in enumerate(lines, start=1)]
+    return [{"path": row["path"], "line_no": i, "raw": line.removesuffix(b"\r")} for i, line in enumerate(lines, start=1)]
 
 
 @functools.lru_cache(maxsize=4)

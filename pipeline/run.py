@@ -30,10 +30,6 @@ class ResourceError(RuntimeError):
     """The Ray cluster cannot run the requested workers; waiting would hang."""
 
 
-class TrainingError(RuntimeError):
-    """Training stopped for a reason the user can act on (non-finite loss, too many worker failures)."""
-
-
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("dpo_ray").setLevel(logging.INFO)
@@ -196,8 +192,6 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, address: str | None = Non
         model_dir = out_dir / "model"
         if "train" in stages:
             result = train.run(cfg, ref.path, policy_path, tokenizer.pad_token_id, use_gpu, cpus_per_worker, uri, run_id)
-            if result.error:
-                raise training_error(result.error)
             export_model(result.checkpoint, tokenizer, model_dir)
             m = result.metrics or {}
             summary["train"] = {"steps": m.get("step"), "loss_first": m.get("loss_first"), "loss_last": m.get("loss_last"),
@@ -228,17 +222,3 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, address: str | None = Non
     finally:
         if started_ray:
             ray.shutdown()
-
-
-def training_error(err: BaseException) -> BaseException:
-    """Ray wraps worker exceptions; surface the user-actionable ones (non-finite loss) as one message."""
-    seen, e = set(), err
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, FloatingPointError):
-            return TrainingError(str(e))
-        e = e.__cause__ or e.__context__
-    text = str(err)
-    if "FloatingPointError: " in text:
-        return TrainingError(text.split("FloatingPointError: ", 1)[1].splitlines()[0])
-    return err

@@ -27,4 +27,24 @@ def run(cfg, ref_path: Path, policy_path: str, pad_id: int, use_gpu: bool, cpus_
         datasets={"train": ray.data.read_parquet(str(ref_path / "train"))},
         dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads all rows, takes its slice (see train_loop)
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; surface the ones a user acts on as one line
+        raise training_error(e) from e
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user can act on (non-finite loss)."""
+
+
+def training_error(err: BaseException) -> BaseException:
+    seen, e = set(), err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, FloatingPointError):
+            return TrainingError(str(e))
+        e = e.__cause__ or e.__context__
+    text = str(err)
+    if "FloatingPointError: " in text:  # a worker's exception arrives as text in Ray's WorkerGroupError
+        return TrainingError(text.split("FloatingPointError: ", 1)[1].splitlines()[0])
+    return err

@@ -1,0 +1,189 @@
+"""Faults injected for real: a training worker killed with SIGKILL, a driver killed during the reference
+stage, a diverging run, writers killed mid-write. Real Ray (2 CPUs), real files, real processes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import small_config
+from dpo_ray.config import load_config
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ref_cache(tmp_path_factory, ray_local, cache_dir, small_pairs, demo_model):
+    from pipeline.run import run
+
+    tmp = tmp_path_factory.mktemp("faults")
+    cfg = load_config(None, small_config(tmp, cache_dir, small_pairs))
+    s = run(cfg, stages=("prepare", "reference"))
+    return cfg, Path(s["reference_cache"]["path"])
+
+
+def pids_of(pattern: str) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split(None, 1)[0]) for line in out.splitlines() if pattern in line and "ps -eo" not in line]
+
+
+def train(cfg, ref_path, demo_model, tracking=(None, None)):
+    from pipeline.train import run
+
+    return run(cfg, ref_path, demo_model, 0, False, 1.0, *tracking)
+
+
+def test_killed_worker_resumes_to_the_same_weights(ref_cache, demo_model, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from dpo_ray.tracking import ensure_experiment
+
+    cfg, ref_path = ref_cache
+    sets = {"train.epochs": 3, "train.max_steps": None, "train.checkpoint_every": 20, "train.max_failures": 1}
+    straight_cfg = cfg.model_copy(deep=True)
+    killed_cfg = cfg.model_copy(deep=True)
+    for c, out in ((straight_cfg, tmp_path / "straight"), (killed_cfg, tmp_path / "killed")):
+        c.output_dir = str(out)
+        for k, v in sets.items():
+            setattr(c.train, k.split(".")[1], v)
+    straight = train(straight_cfg, ref_path, demo_model)
+    assert straight.error is None
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = MlflowClient(uri).create_run(ensure_experiment(uri, "faults")).info.run_id
+    storage = tmp_path / "killed" / "ray_train"
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if [p for p in storage.glob("*/checkpoint_*") if p.is_dir()]:
+                for pid in pids_of("RayTrainWorker"):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    result = train(killed_cfg, ref_path, demo_model, (uri, run_id))
+    watcher.join(timeout=1)
+    assert killed, "no training worker was found to kill"
+    assert result.error is None and result.metrics["step"] == straight.metrics["step"]
+
+    with straight.checkpoint.as_directory() as a, result.checkpoint.as_directory() as b:
+        wa, wb = load_file(f"{a}/model.safetensors"), load_file(f"{b}/model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0)
+
+    history = MlflowClient(uri).get_metric_history(run_id, "train/loss")
+    steps = [m.step for m in history]
+    assert sorted(set(steps)) == list(range(1, result.metrics["step"] + 1))  # one continuous history
+    assert len(steps) > len(set(steps))  # the steps after the checkpoint were run (and logged) twice
+    by_step = {}
+    for m in history:
+        by_step.setdefault(m.step, set()).add(round(m.value, 6))
+    assert all(len(v) == 1 for v in by_step.values())  # and gave the same loss both times
+
+
+def test_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(ref_cache, demo_model, tmp_path):
+    from pipeline.train import TrainingError
+
+    cfg, ref_path = ref_cache
+    cfg = cfg.model_copy(deep=True)
+    cfg.output_dir = str(tmp_path)
+    cfg.train.lr, cfg.train.warmup_ratio, cfg.train.checkpoint_every, cfg.train.max_nonfinite_steps = 1e30, 0.0, 1, 2
+    cfg.train.max_steps = 20
+    with pytest.raises(TrainingError, match="2 consecutive non-finite steps, the last at step 3"):
+        train(cfg, ref_path, demo_model)
+    ckpts = sorted(p for p in (tmp_path / "ray_train").glob("*/checkpoint_*") if p.is_dir())
+    assert ckpts
+    last = json.loads((ckpts[-1] / "state.json").read_text())
+    assert last["step"] == 1
+    weights = load_file(str(ckpts[-1] / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_driver_killed_during_reference_leaves_nothing_half_done(tmp_path, cache_dir, small_pairs, demo_model, ray_local):
+    from pipeline.reference import run as reference_run
+    from pipeline.run import run
+
+    sets = small_config(tmp_path, tmp_path / "cache", small_pairs, **{"data.eval_fraction": "0.3"})
+    shutil_models = tmp_path / "cache" / "models"
+    shutil_models.mkdir(parents=True)
+    os.symlink(Path(demo_model), shutil_models / Path(demo_model).name)
+    cmd = [str(Path(sys.executable).parent / "dpo-ray"), "reference", "configs/demo.yaml"] + [a for s in sets for a in ("--set", s)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ref_root = tmp_path / "cache" / "reference"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(ref_root.glob("*/train/_COMPLETE")):
+            assert proc.poll() is None, "the reference stage ended before it could be killed"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    (key_dir,) = list(ref_root.iterdir())
+    assert not (key_dir / "_COMPLETE").exists()
+    assert not (key_dir / "eval" / "_COMPLETE").exists()  # eval was not finished, so nothing says it was
+    train_files = {f: f.stat().st_mtime_ns for f in (key_dir / "train").iterdir()}
+
+    s = run(load_config(None, sets), stages=("prepare", "reference"))
+    assert s["reference_cache"]["path"] == str(key_dir) and not s["reference_cache"]["hit"]
+    assert (key_dir / "_COMPLETE").exists() and (key_dir / "eval" / "_COMPLETE").exists()
+    assert {f: f.stat().st_mtime_ns for f in (key_dir / "train").iterdir()} == train_files  # reused, not recomputed
+    # what the killed run left is only a .tmp-* directory, a name no reader takes for a finished split
+    assert {p.name for p in key_dir.iterdir() if not p.name.startswith(".tmp-")} == {"train", "eval", "key.json", "_COMPLETE"}
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from pipeline.artifacts import atomic_dir, write_json_atomic
+out = Path(sys.argv[1])
+if sys.argv[2] == "json":
+    i = 0
+    while True:
+        write_json_atomic(out, {"i": i, "blob": "x" * 200000}); i += 1
+else:
+    with atomic_dir(out) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"0" * 1000)
+        print("writing", flush=True)
+        time.sleep(60)
+"""
+
+
+def test_outputs_are_never_seen_half_written(tmp_path):
+    target = tmp_path / "summary.json"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target), "json"], cwd=ROOT)
+    try:
+        seen = 0
+        deadline = time.time() + 60
+        while seen < 300 and time.time() < deadline:
+            if target.exists():
+                assert json.loads(target.read_text())["blob"] == "x" * 200000  # whole, every time
+                seen += 1
+        assert seen >= 300
+    finally:
+        proc.kill()
+        proc.wait()
+    assert json.loads(target.read_text())["i"] >= 0  # killed mid-loop: the last whole version remains
+
+    model = tmp_path / "model"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(model), "dir"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not model.exists()  # only a .tmp-* sibling, which no reader takes for the model
+    assert [p.name.startswith(".tmp-model-") for p in tmp_path.iterdir() if p.name != "summary.json"] == [True]
