@@ -15,7 +15,7 @@ from pathlib import Path
 log = logging.getLogger("dpo_ray")
 # MLflow's HTTP client retries 7 times with exponential backoff (minutes) by default; we retry ourselves
 # and report what was lost, so a dead server must fail fast. Set these variables to override.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
@@ -76,14 +76,22 @@ class RunLogger:
         self.client, self.run_id, self.retries, self.backoff_s = MlflowClient(uri), run_id, retries, backoff_s
         self.buffer: list = []
         self.lost = 0
+        self.down = False  # after a write failed every try: one try per write until one succeeds (no stalls)
+
+    def _tries(self) -> int:
+        return 1 if self.down else self.retries
 
     def call(self, what: str, fn, *args, **kwargs):
-        for attempt in range(self.retries):
+        tries = self._tries()
+        for attempt in range(tries):
             try:
-                return fn(self.run_id, *args, **kwargs)
+                result = fn(self.run_id, *args, **kwargs)
+                self.down = False
+                return result
             except Exception as e:
-                if attempt == self.retries - 1:
-                    log.error("MLflow: %s lost after %d tries (%s)", what, self.retries, str(e).splitlines()[0][:200])
+                if attempt == tries - 1:
+                    self.down = True
+                    log.error("MLflow: %s lost after %d tries (%s)", what, tries, str(e).splitlines()[0][:200])
                     return None
                 time.sleep(self.backoff_s * 2**attempt)
 
@@ -96,15 +104,18 @@ class RunLogger:
     def flush(self) -> None:
         while self.buffer:
             chunk = self.buffer[:1000]  # MLflow's log_batch limit
-            for attempt in range(self.retries):
+            tries = self._tries()
+            for attempt in range(tries):
                 try:
                     self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+                    self.down = False
                     break
                 except Exception as e:  # a server away, a locked db: retry, then count as lost
-                    if attempt == self.retries - 1:
+                    if attempt == tries - 1:
                         self.lost += len(chunk)
+                        self.down = True
                         log.error("MLflow: %d metric values lost after %d tries (%s); %d lost in this run so far",
-                                  len(chunk), self.retries, str(e).splitlines()[0][:200], self.lost)
+                                  len(chunk), tries, str(e).splitlines()[0][:200], self.lost)
                     else:
                         time.sleep(self.backoff_s * 2**attempt)
             self.buffer = self.buffer[len(chunk):]
