@@ -53,12 +53,15 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def small_pairs(tmp_path_factory) -> Path:
-    """The first 240 demo pairs as a JSONL file: enough to train a few steps and evaluate."""
+    """The first 238 demo pairs and 2 broken lines (under the 1% bad-row limit) as a JSONL file."""
     from dpo_ray.demo import DEMO_DATA
 
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
     with open(DEMO_DATA, encoding="utf-8") as f:
-        path.write_text("".join(line for _, line in zip(range(240), f)))
+        lines = [line for _, line in zip(range(238), f)]
+    lines.insert(100, '{"prompt": "q", "chosen": "same", "rejected": "same"}\n')
+    lines.insert(200, '{"chosen": [\n')
+    path.write_text("".join(lines))
     return path
 
 

@@ -23,7 +23,7 @@ TRL_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, cache_dir, small_pairs, demo_model):
     tmp = tmp_path_factory.mktemp("cli")
-    sets = small_config(tmp, cache_dir, small_pairs)
+    sets = small_config(tmp, cache_dir, small_pairs) + ["model.hf_token=hf_s3cret_value"]
     cmd = [str(Path(sys.executable).parent / "dpo-ray"), "run", "configs/demo.yaml"] + [a for s in sets for a in ("--set", s)]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parent.parent)
@@ -36,7 +36,9 @@ def test_summary_contract(cli_run):
     assert set(s) >= {"mlflow_run_id", "tracking_uri", "model_dir", "reference_model_dir", "data", "reference_cache", "train", "eval"}
     d = s["data"]
     assert d["rows_read"] == 240 and d["rows_used"] + d["rows_rejected"] + d["duplicates"] == 240
-    assert Path(d["rejects_file"]).exists()
+    assert d["rows_rejected"] == 2 and d["rejects_by_reason"] == {"identical_replies": 1, "invalid_json": 1}
+    assert [json.loads(x)["line"] for x in Path(d["rejects_file"]).read_text().splitlines()] == [101, 201]
+    assert "set aside 2 of 240 rows" in proc.stderr + proc.stdout
     assert s["reference_cache"]["hit"] is False and Path(s["reference_cache"]["path"]).is_dir()
     assert s["train"]["steps"] == 6 and s["train"]["loss_first"] == pytest.approx(0.6931, abs=2e-3)  # policy == reference at step 1
     assert s["train"]["loss_last"] < s["train"]["loss_first"] and s["train"]["tokens_per_second"] > 0
@@ -69,6 +71,11 @@ def test_mlflow_run_has_metrics_params_and_artifacts(cli_run):
         assert len(client.get_metric_history(run.info.run_id, f"train/{name}")) == 6, name
     assert run.data.metrics["eval/rewards/accuracies"] == pytest.approx(s["eval"]["rewards/accuracies"])
     assert run.data.params["train.beta"] == "0.1" and run.data.tags["dataset_fingerprint"] == Path(s["data"]["prepared"]).name
+    assert run.data.metrics["data/rows_rejected"] == 2
+    # a secret-looking config value never reaches MLflow or the saved config
+    assert run.data.params["model.hf_token"] == "***"
+    config_text = Path(client.download_artifacts(run.info.run_id, "config.yaml")).read_text()
+    assert "hf_s3cret_value" not in config_text and "hf_s3cret_value" not in (Path(s["output_dir"]) / "config.yaml").read_text()
     assert run.data.tags["reference_cache_key"] == s["reference_cache"]["key"]
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "data_stats.json", "model", "summary.json", "rejects.jsonl"} <= arts
