@@ -12,7 +12,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = ()
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.artifacts import DataError
+    from pipeline.artifacts import DataError, LockedError
     from pipeline.run import ResourceError
     from pipeline.train import TrainingError
 
@@ -20,7 +20,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .model import ModelError
     from .tracking import TrackingError
 
-    return (ConfigError, DataError, ModelError, TrackingError, ResourceError, TrainingError, PermissionError, ConnectionError, FileNotFoundError)
+    return (ConfigError, DataError, LockedError, ModelError, TrackingError, ResourceError, TrainingError, PermissionError, ConnectionError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         "reference": "prepare, then cache the reference model's log-probs",
         "train": "prepare and reference (cached), then train the policy and export it",
         "evaluate": "evaluate <output_dir>/model on the eval split against the reference",
+        "retrain": "for schedulers: run on the current data, starting from the config's model (e.g. models:/NAME@champion), "
+                   "register; does nothing when neither data nor model changed; refuses to overlap another run",
     }
     for name, text in helps.items():
         s = sub.add_parser(name, help=text, description=text)
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.run import COMMANDS, run, setup_logging
 
         setup_logging()
-        summary = run(cfg, COMMANDS[args.command], address=args.address)
+        summary = run(cfg, COMMANDS[args.command], address=args.address, retrain=args.command == "retrain")
     except _user_errors() as e:
         print(f"dpo-ray: error: {e}", file=sys.stderr)
         return 2

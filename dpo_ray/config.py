@@ -23,7 +23,7 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    policy: str = "demo:tiny-llama"  # local HF directory, hub id, or demo:tiny-llama (built offline)
+    policy: str = "demo:tiny-llama"  # local HF directory, hub id, demo:tiny-llama (built offline), or models:/NAME@ALIAS
     reference: str | None = None  # defaults to the policy
     tokenizer: str | None = None  # defaults to the policy
     trust_remote_code: bool = False  # runs code shipped with the model: only for models you trust
@@ -100,6 +100,12 @@ class MLflowConfig(_Strict):
     run_name: str | None = None  # None: model, data fingerprint and main hyperparameters
 
 
+class RegistryConfig(_Strict):
+    name: str | None = None  # MLflow registered model; None: no registration
+    metric: Literal["rewards/accuracies", "rewards/margins"] = "rewards/accuracies"  # eval metric that decides
+    min_improvement: float = 0.0  # the challenger takes the champion alias only if better by at least this
+
+
 class Config(_Strict):
     name: str = "dpo"
     output_dir: str = "runs/dpo"
@@ -110,6 +116,7 @@ class Config(_Strict):
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

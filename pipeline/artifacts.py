@@ -13,6 +13,39 @@ from pathlib import Path
 DONE = "_COMPLETE"  # written last, inside the temporary directory, before the rename into place
 
 
+class LockedError(RuntimeError):
+    """Another dpo-ray process holds the output directory."""
+
+
+@contextmanager
+def exclusive(directory: Path):
+    """Hold <directory>/.dpo-ray.lock (flock) for the duration; a second holder is refused at once.
+
+    The kernel drops the lock when the process dies, so a crashed run never leaves a stale lock.
+    """
+    import fcntl
+    import time
+
+    directory.mkdir(parents=True, exist_ok=True)
+    f = open(directory / ".dpo-ray.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown process"
+        f.close()
+        raise LockedError(f"{directory} is in use by another dpo-ray run ({holder}); this one exits and changes nothing") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
 class DataError(ValueError):
     """Input data that cannot be used (missing file, too many bad rows)."""
 

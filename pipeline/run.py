@@ -18,11 +18,11 @@ from dpo_ray.config import Config, flatten, masked, to_yaml
 from dpo_ray.model import load_tokenizer, resolve_model
 from dpo_ray.tracking import check_reachable, ensure_experiment, resolve_tracking_uri
 
-from . import evaluate, prepare, reference, train
-from .artifacts import atomic_dir, resolve_data_files, write_json_atomic
+from . import evaluate, prepare, reference, register, train
+from .artifacts import atomic_dir, exclusive, resolve_data_files, write_json_atomic
 
 log = logging.getLogger("dpo_ray")
-STAGES = ("prepare", "reference", "train", "evaluate")
+STAGES = ("prepare", "reference", "train", "evaluate", "register")  # register runs only when registry.name is set
 DATA_HEADROOM_CPUS = 0.5  # left free for Ray Data read tasks: with none free, a dataset waits forever
 
 
@@ -111,6 +111,27 @@ def run_name(cfg: Config, prepared_key: str) -> str:
     return cfg.mlflow.run_name or f"{model}-data{prepared_key[:8]}-{t.loss_type}-b{t.beta:g}-lr{t.lr:g}-e{t.epochs}"
 
 
+def plot_curves(tracker, path: Path) -> None:
+    """train/loss and train/rewards/accuracies per step as a PNG artifact, for comparing runs at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tracker.flush()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, name in zip(axes, ("train/loss", "train/rewards/accuracies")):
+        history = tracker.call(f"{name} history", tracker.client.get_metric_history, name) or []
+        points = sorted({m.step: m.value for m in history}.items())
+        ax.plot([p[0] for p in points], [p[1] for p in points])
+        ax.set_title(name)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    tracker.call("curves.png", tracker.client.log_artifact, str(path))
+
+
 def export_model(checkpoint, tokenizer, out: Path) -> Path:
     """The final checkpoint's HF files + tokenizer -> <output_dir>/model, written aside and renamed into place."""
     with atomic_dir(out.parent / (out.name + ".new")) as tmp:
@@ -136,11 +157,28 @@ COMMANDS = {  # CLI command -> stages it runs; prepare and reference are cache l
     "train": ("prepare", "reference", "train"),
     "evaluate": ("prepare", "reference", "evaluate"),
     "run": STAGES,
+    "retrain": STAGES,  # run, but a no-op when neither the data nor the starting model changed since the last one
 }
 
 
-def run(cfg: Config, stages: tuple[str, ...] = STAGES, address: str | None = None) -> dict:
-    """Runs `stages` in order; returns the summary (also written to <output_dir>/summary.json)."""
+def resolve(name: str, uri: str, cache: Path) -> str:
+    if name.startswith("models:/"):
+        return register.download(uri, name, cache)[0]
+    return resolve_model(name, cache)
+
+
+def run(cfg: Config, stages: tuple[str, ...] = STAGES, address: str | None = None, retrain: bool = False) -> dict:
+    """Runs `stages` in order; returns the summary (also written to <output_dir>/summary.json).
+
+    Holds <output_dir>/.dpo-ray.lock throughout: a second run on the same output directory exits at once.
+    """
+    out_dir = Path(cfg.output_dir).resolve()
+    check_output_dir(out_dir)
+    with exclusive(out_dir):
+        return _run(cfg, stages, address, retrain)
+
+
+def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: bool) -> dict:
     import ray
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
@@ -150,16 +188,15 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, address: str | None = Non
     # checks that cost nothing, before any Ray or model work
     t_start = time.time()
     out_dir = Path(cfg.output_dir).resolve()
-    check_output_dir(out_dir)
     resolve_data_files(cfg.data.train + (cfg.data.eval or []))
-    cache = Path(cfg.cache_dir).resolve()
-    policy_path = resolve_model(cfg.model.policy, cache)
-    reference_path = resolve_model(cfg.model.reference, cache) if cfg.model.reference else policy_path
-    tokenizer_path = resolve_model(cfg.model.tokenizer, cache) if cfg.model.tokenizer else policy_path
-    tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.hf_token)
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    if "train" in stages or "evaluate" in stages:
+    if "train" in stages or "evaluate" in stages or cfg.model.policy.startswith("models:/"):
         check_reachable(uri)
+    cache = Path(cfg.cache_dir).resolve()
+    policy_path = resolve(cfg.model.policy, uri, cache)
+    reference_path = resolve(cfg.model.reference, uri, cache) if cfg.model.reference else policy_path
+    tokenizer_path = resolve(cfg.model.tokenizer, uri, cache) if cfg.model.tokenizer else policy_path
+    tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.hf_token)
     started_ray = start_ray(address)
     tracker = None
     try:
@@ -175,6 +212,14 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, address: str | None = Non
         summary["reference_cache"] = {"path": str(ref.path), "key": ref.key, "hit": ref.hit}
         if stages[-1] == "reference":
             return summary
+        # retrain is a no-op when the data and config are as last time and the starting model is the one it
+        # started from or the champion it produced (else a promotion would trigger endless retraining)
+        retrain_key = {"data": prepared.key, "config": Config.model_validate(masked(cfg.model_dump())).model_dump_json()}
+        last_file = out_dir / "last_retrain.json"
+        last = json.loads(last_file.read_text()) if retrain and last_file.exists() else {}
+        if last.get("key") == retrain_key and policy_path in last.get("policies", []):
+            log.info("retrain: no new data and the same starting model as the last retrain; nothing to do")
+            return {**last["summary"], "skipped": True}
 
         exp_id = ensure_experiment(uri, cfg.mlflow.experiment)
         tags = {"dataset_fingerprint": prepared.key, "reference_cache_key": ref.key, "dpo_ray.stages": ",".join(stages),
@@ -205,6 +250,13 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, address: str | None = Non
             summary["eval"] = {k[len("eval/"):]: v for k, v in ev.items() if not k.startswith("eval/reference/")}
             summary["eval_reference"] = {k[len("eval/reference/"):]: v for k, v in ev.items() if k.startswith("eval/reference/")}
             tracker.call("model artifacts", tracker.client.log_artifacts, str(model_dir), "model")
+            logged = not tracker.down
+            if "register" in stages and cfg.registry.name:
+                score = lambda d: evaluate.evaluate_model(cfg, ref, d, tokenizer_path, use_gpu)
+                summary["registry"] = (register.run(cfg, tracker, uri, ev, score) if logged
+                                       else {"decision": "not_registered", "reason": "the model artifact could not be logged"})
+        if "train" in stages:
+            plot_curves(tracker, out_dir / "curves.png")
         summary["wall_seconds"] = round(time.time() - t_start, 1)
         tracker.flush()
         summary["mlflow_values_lost"] = tracker.lost
@@ -212,6 +264,11 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, address: str | None = Non
         (out_dir / "config.yaml").write_text(to_yaml(Config.model_validate(safe_cfg)))
         tracker.call("summary.json", tracker.client.log_artifact, str(out_dir / "summary.json"))
         tracker.call("run status", tracker.client.set_terminated, "FINISHED")
+        if retrain:
+            policies = [policy_path]
+            if summary.get("registry", {}).get("decision") == "promoted":
+                policies.append(str(register.registry_dir(cache, cfg.registry.name, summary["registry"]["challenger_version"])))
+            write_json_atomic(last_file, {"key": retrain_key, "policies": policies, "summary": summary})
         log.info("done in %.0f s: model %s | summary %s | MLflow run %s at %s", summary["wall_seconds"], model_dir, out_dir / "summary.json", run_id, uri)
         return summary
     except BaseException:
