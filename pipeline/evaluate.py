@@ -13,14 +13,14 @@ import torch
 from dpo_ray.losses import dpo_loss
 from dpo_ray.metrics import dpo_metrics
 
-from .reference import Reference, has_split, score
+from .reference import Reference, has_split, read_split, score
 
 log = logging.getLogger("dpo_ray")
 TIE_TOLERANCE = 1e-4  # reward units: batching differences move CPU fp32 log-probs by ~1e-6 of their size
 
 
 def evaluate_model(cfg, ref: Reference, model_path: str, tokenizer_path: str, use_gpu: bool) -> dict[str, float]:
-    ds = score(ref.path / "eval", model_path, tokenizer_path, "policy_", cfg, use_gpu)
+    ds = score(read_split(ref.parts, "eval", ref.drop_ids), model_path, tokenizer_path, "policy_", cfg, use_gpu)
     df = ds.select_columns(["policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
                             "chosen_loss_mask", "rejected_loss_mask"]).to_pandas()
     col = lambda k: torch.tensor(df[k].to_numpy(), dtype=torch.float64)
@@ -35,7 +35,7 @@ def evaluate_model(cfg, ref: Reference, model_path: str, tokenizer_path: str, us
 
 def run(cfg, ref: Reference, model_dir: Path, reference_path: str, tokenizer_path: str, use_gpu: bool) -> dict[str, float]:
     """Returns eval/... metrics for the trained model and eval/reference/... for the reference itself."""
-    if not has_split(ref.path, "eval"):
+    if not any(has_split(p, "eval") for p in ref.parts):
         log.warning("evaluate: no eval split (set data.eval or data.eval_fraction > 0); skipped")
         return {}
     trained = evaluate_model(cfg, ref, str(model_dir), tokenizer_path, use_gpu)

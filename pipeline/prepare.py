@@ -1,7 +1,8 @@
 """Stage 1, prepare: JSONL -> validated, tokenized Parquet (train/, eval/) + rejects, with Ray Data.
 
-Output: <cache_dir>/prepared/<key>/ where key = files' contents + tokenizer + length settings.
-Every input line ends in train/, eval/, rejects.jsonl, or the duplicate / blank-line counts.
+Output: one <cache_dir>/prepared/<key>/ per input file, key = the file's content + tokenizer + length
+settings, so adding a file to a data directory tokenizes only that file. Every input line ends in
+train/, eval/, rejects.jsonl, or the duplicate / blank-line counts.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet  # noqa: F401  (pa.parquet)
 
 from dpo_ray.data import Reject, decode_line, pair_hash, to_conversations, tokenize_pair, validate_pair
 from dpo_ray.model import fingerprint_tokenizer, load_tokenizer
@@ -28,15 +30,27 @@ RAW_CHARS = 500
 
 
 @dataclass
-class Prepared:
+class Part:
+    """One input file, prepared: <cache_dir>/prepared/<key>/ (train/, eval/, rejects.jsonl, meta.parquet, stats.json)."""
+
+    file: Path
     path: Path
     key: str
-    stats: dict
     hit: bool
 
+
+@dataclass
+class Prepared:
+    """All input files: one cached part each, so a new file is the only one tokenized."""
+
+    parts: list[Part]
+    key: str
+    stats: dict
+    drop_ids: list[str]  # rows that duplicate a pair of an earlier file: dropped when the parts are read
+
     @property
-    def rejects_file(self) -> Path:
-        return self.path / "rejects.jsonl"
+    def hit(self) -> bool:
+        return all(p.hit for p in self.parts)
 
 
 def split_lines(row: dict) -> list[dict]:
@@ -60,7 +74,7 @@ def _split_of(h: str, eval_fraction: float) -> str:
 
 
 def tokenize_batch(batch: dict, *, tokenizer: str, trust_remote_code: bool, max_length: int, prompt_budget: int,
-                   eval_fraction: float, eval_paths: frozenset) -> pa.Table:
+                   eval_fraction: float, fixed_split: str | None) -> pa.Table:
     """Ray Data map_batches fn: raw lines -> one output row per line, status 'ok', 'blank' or a reject code."""
     tok = _tokenizer(tokenizer, trust_remote_code)
     cols: dict[str, list] = {k: [] for k in ["row_id", "source", "line_no", "status", "detail", "raw", "pair_hash", "split",
@@ -76,7 +90,7 @@ def tokenize_batch(batch: dict, *, tokenizer: str, trust_remote_code: bool, max_
             validate_pair(chosen, rejected)
             rec.update(tokenize_pair(tok, chosen, rejected, max_length, prompt_budget))
             rec["pair_hash"] = pair_hash(chosen, rejected)
-            rec["split"] = "eval" if path in eval_paths else ("train" if eval_paths else _split_of(rec["pair_hash"], eval_fraction))
+            rec["split"] = fixed_split or _split_of(rec["pair_hash"], eval_fraction)
         except Reject as r:
             rec.update(status=r.reason, detail=r.detail, raw=raw[: RAW_CHARS * 4].decode("utf-8", "replace")[:RAW_CHARS])
         for k in ROW_COLUMNS[1:]:
@@ -95,63 +109,75 @@ def _select_rows(table: pa.Table, row_ids: pa.Array) -> pa.Table:
     return table.filter(pc.is_in(table["row_id"], value_set=row_ids)).select(ROW_COLUMNS)
 
 
-def run(cfg, tokenizer_path: str, rejects_copy: Path | None = None) -> Prepared:
-    import ray
+META_COLUMNS = ["row_id", "source", "line_no", "status", "pair_hash", "split", "truncated", "prompt_not_prefix", "prompt_tokens"]
+
+
+def run(cfg, tokenizer_path: str, rejects_copy: Path) -> Prepared:
+    import pandas as pd
+    import pyarrow.parquet as pq
 
     files = resolve_data_files(cfg.data.train)
     eval_files = resolve_data_files(cfg.data.eval) if cfg.data.eval else []
-    tok = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.hf_token)
-    key = fingerprint("prepare", VERSION, [hash_file(f) for f in files], [hash_file(f) for f in eval_files],
-                      fingerprint_tokenizer(tok), cfg.data.max_length, cfg.data.prompt_budget,
-                      None if eval_files else cfg.data.eval_fraction)
-    out = Path(cfg.cache_dir).resolve() / "prepared" / key
-    if is_complete(out):
-        stats = json.loads((out / "stats.json").read_text())
-        log.info("prepare: reusing %s (%d train / %d eval pairs)", out, stats["train_rows"], stats["eval_rows"])
-        prepared = Prepared(out, key, stats, hit=True)
-    else:
-        prepared = _prepare(cfg, files, eval_files, tokenizer_path, key, out)
-    if rejects_copy is not None:
-        rejects_copy.parent.mkdir(parents=True, exist_ok=True)
-        rejects_copy.write_bytes(prepared.rejects_file.read_bytes())
-    _check_bad_fraction(cfg, prepared, rejects_copy or prepared.rejects_file)
+    tok_key = fingerprint_tokenizer(load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.hf_token))
+    parts = []
+    for f in files + eval_files:
+        is_eval = f in eval_files
+        key = fingerprint("prepare", VERSION, hash_file(f), tok_key, cfg.data.max_length, cfg.data.prompt_budget,
+                          "eval" if is_eval else ("train" if eval_files else cfg.data.eval_fraction))
+        out = Path(cfg.cache_dir).resolve() / "prepared" / key
+        hit = is_complete(out)
+        if hit:
+            log.info("prepare: %s unchanged, reusing %s", f.name, out)
+        else:
+            _prepare_file(cfg, f, is_eval, bool(eval_files), tokenizer_path, out)
+        parts.append(Part(f, out, key, hit))
+
+    # across files: the first copy of a pair is kept (files in order, then lines); rejects in the same order
+    meta = pd.concat([pq.read_table(p.path / "meta.parquet").to_pandas().assign(part=i) for i, p in enumerate(parts)], ignore_index=True)
+    meta = meta.sort_values(["part", "line_no"], kind="stable")
+    ok = meta[meta.status == "ok"]
+    dup = ok[ok.duplicated("pair_hash", keep="first")]
+    kept_in_parts = set(ok.row_id[~ok.duplicated(["part", "pair_hash"], keep="first")])
+    drop_ids = sorted(set(dup.row_id) & kept_in_parts)
+    stats = _stats(meta, ok, dup, set(ok.row_id) - set(dup.row_id), files, eval_files)
+    rejects_copy.parent.mkdir(parents=True, exist_ok=True)
+    with open(rejects_copy, "wb") as out:
+        for p in parts:
+            out.write((p.path / "rejects.jsonl").read_bytes())
+    prepared = Prepared(parts, fingerprint("prepared", [p.key for p in parts]), stats, drop_ids)
+    log.info("prepare: %d file(s) (%d reused), %d rows read, %d used (%d train / %d eval), %d rejected, %d duplicates, %d truncated",
+             len(parts), sum(p.hit for p in parts), stats["rows_read"], stats["rows_used"], stats["train_rows"], stats["eval_rows"],
+             stats["rows_rejected"], stats["duplicates"], stats["truncated"])
+    if stats["prompt_not_prefix"]:
+        log.warning("prepare: for %d pairs the rendered prompt is not a token prefix of the rendered conversation "
+                    "(the chat template re-tokenizes across the turn boundary); masks follow the reply text", stats["prompt_not_prefix"])
+    _check_bad_fraction(cfg, stats, rejects_copy)
     return prepared
 
 
-def _prepare(cfg, files, eval_files, tokenizer_path, key, out) -> Prepared:
+def _prepare_file(cfg, file: Path, is_eval: bool, has_eval_files: bool, tokenizer_path: str, out: Path) -> None:
     import ray
 
-    log.info("prepare: tokenizing %d file(s) with Ray Data -> %s", len(files) + len(eval_files), out)
-    lines = ray.data.read_binary_files([str(f) for f in files + eval_files], include_paths=True).flat_map(split_lines)
+    log.info("prepare: tokenizing %s with Ray Data -> %s", file, out)
+    lines = ray.data.read_binary_files([str(file)], include_paths=True).flat_map(split_lines)
     processed = lines.map_batches(
         tokenize_batch, batch_format="numpy", batch_size=256,
         fn_kwargs=dict(tokenizer=tokenizer_path, trust_remote_code=cfg.model.trust_remote_code, max_length=cfg.data.max_length,
                        prompt_budget=cfg.data.prompt_budget, eval_fraction=cfg.data.eval_fraction,
-                       eval_paths=frozenset(str(f) for f in eval_files)),
+                       fixed_split="eval" if is_eval else "train" if has_eval_files else None),
     ).materialize()
-    meta = processed.select_columns(["row_id", "source", "line_no", "status", "detail", "raw", "pair_hash", "split",
-                                     "truncated", "prompt_not_prefix", "prompt_tokens"]).to_pandas()  # raw is empty for good rows
-    meta = meta.sort_values(["source", "line_no"], kind="stable")
+    meta = processed.select_columns(META_COLUMNS + ["detail", "raw"]).to_pandas()  # raw is empty for good rows
+    meta = meta.sort_values("line_no", kind="stable")
     ok = meta[meta.status == "ok"]
-    dup = ok[ok.duplicated("pair_hash", keep="first")]  # exact duplicate pairs: kept once (the first seen)
-    keep_ids = set(ok.row_id) - set(dup.row_id)
+    keep_ids = set(ok.row_id[~ok.duplicated("pair_hash", keep="first")])  # duplicates within the file: kept once
     with atomic_dir(out) as tmp:
-        rejects = meta[~meta.status.isin(["ok", "blank"])]
         with open(tmp / "rejects.jsonl", "w", encoding="utf-8") as f:
-            for r in rejects.itertuples():
+            for r in meta[~meta.status.isin(["ok", "blank"])].itertuples():
                 f.write(json.dumps({"source": r.source, "line": int(r.line_no), "reason": r.status, "detail": r.detail, "raw": r.raw}, ensure_ascii=False) + "\n")
         for split in ("train", "eval"):
             ids = pa.array(sorted(meta.row_id[meta.row_id.isin(keep_ids) & (meta.split == split)]), type=pa.string())
             processed.map_batches(_select_rows, batch_format="pyarrow", fn_kwargs={"row_ids": ids}).write_parquet(str(tmp / split))
-        stats = _stats(meta, ok, dup, keep_ids, files, eval_files)
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    log.info("prepare: %d rows read, %d used (%d train / %d eval), %d rejected, %d duplicates, %d truncated",
-             stats["rows_read"], stats["rows_used"], stats["train_rows"], stats["eval_rows"], stats["rows_rejected"],
-             stats["duplicates"], stats["truncated"])
-    if stats["prompt_not_prefix"]:
-        log.warning("prepare: for %d pairs the rendered prompt is not a token prefix of the rendered conversation "
-                    "(the chat template re-tokenizes across the turn boundary); masks follow the reply text", stats["prompt_not_prefix"])
-    return Prepared(out, key, stats, hit=False)
+        pa.parquet.write_table(pa.Table.from_pandas(meta[META_COLUMNS], preserve_index=False), tmp / "meta.parquet")
 
 
 def _stats(meta, ok, dup, keep_ids, files, eval_files) -> dict:
@@ -173,8 +199,7 @@ def _stats(meta, ok, dup, keep_ids, files, eval_files) -> dict:
     }
 
 
-def _check_bad_fraction(cfg, prepared: Prepared, rejects_file: Path) -> None:
-    s = prepared.stats
+def _check_bad_fraction(cfg, s: dict, rejects_file: Path) -> None:
     if s["rows_used"] == 0:
         raise DataError(f"prepare: 0 of {s['rows_read']} rows kept; reasons in {rejects_file}")
     bad = s["rows_rejected"] / max(s["rows_read"], 1)

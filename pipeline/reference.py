@@ -1,7 +1,7 @@
 """Stage 2, reference: reference-model log-probs for every prepared pair, computed once and cached.
 
-Output: <cache_dir>/reference/<key>/{train,eval}/ Parquet = prepared rows + ref_chosen_logps,
-ref_rejected_logps. key = prepared data key + reference weights + tokenizer + precision.
+Output: <cache_dir>/reference/<key>/{train,eval}/ Parquet per input file = prepared rows + ref_chosen_logps,
+ref_rejected_logps. key = the file's prepared key (content, tokenizer, lengths) + reference weights + precision.
 """
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from dpo_ray.model import fingerprint_model
 from dpo_ray.scoring import LogpsScorer, scoring_dtype
@@ -22,21 +25,43 @@ VERSION = 1
 
 @dataclass
 class Reference:
-    path: Path
+    parts: list[Path]  # one <cache_dir>/reference/<key>/ per prepared part
     key: str
     hit: bool
+    drop_ids: list[str]  # cross-file duplicates, dropped on read
+
+    def summary(self) -> dict:
+        return {"path": str(self.parts[0] if len(self.parts) == 1 else self.parts[0].parent), "key": self.key,
+                "hit": self.hit, "parts": [str(p) for p in self.parts]}
 
 
 def has_split(path: Path, split: str) -> bool:
     return (path / split).is_dir() and any((path / split).glob("*.parquet"))
 
 
-def score(path: Path, model_path: str, tokenizer_path: str, prefix: str, cfg, use_gpu: bool):
-    """Ray Data: read Parquet rows, add <prefix>chosen/rejected_logps on an actor pool (1 GPU per actor when used)."""
+def _drop_rows(table: pa.Table, row_ids: pa.Array) -> pa.Table:
+    return table.filter(pc.invert(pc.is_in(table["row_id"], value_set=row_ids)))
+
+
+def read_split(parts: list[Path], split: str, drop_ids: list[str] = ()):
+    """One Ray Dataset over the split of every part, without the cross-file duplicates; None if no part has it."""
+    import ray
+
+    paths = [str(p / split) for p in parts if has_split(p, split)]
+    if not paths:
+        return None
+    ds = ray.data.read_parquet(paths)
+    if drop_ids:
+        ds = ds.map_batches(_drop_rows, batch_format="pyarrow", fn_kwargs={"row_ids": pa.array(list(drop_ids), type=pa.string())})
+    return ds
+
+
+def score(ds, model_path: str, tokenizer_path: str, prefix: str, cfg, use_gpu: bool):
+    """Ray Data: add <prefix>chosen/rejected_logps on an actor pool (1 GPU per actor when used)."""
     import ray
 
     r = cfg.reference
-    return ray.data.read_parquet(str(path)).map_batches(
+    return ds.map_batches(
         LogpsScorer,
         fn_constructor_kwargs=dict(model_path=model_path, tokenizer_path=tokenizer_path, prefix=prefix,
                                    trust_remote_code=cfg.model.trust_remote_code, token=cfg.model.hf_token),
@@ -46,28 +71,31 @@ def score(path: Path, model_path: str, tokenizer_path: str, prefix: str, cfg, us
     )
 
 
-def cache_key(prepared: Prepared, reference_path: str, use_gpu: bool) -> str:
-    return fingerprint("reference", VERSION, prepared.key, fingerprint_model(reference_path), str(scoring_dtype(use_gpu)))
-
-
 def run(cfg, prepared: Prepared, reference_path: str, tokenizer_path: str, use_gpu: bool) -> Reference:
-    """Each split is written aside and renamed into place when whole; the key directory is marked complete
-    last. A run killed midway leaves no split that looks finished, and the next run reuses the ones that are."""
-    key = cache_key(prepared, reference_path, use_gpu)
-    out = Path(cfg.cache_dir).resolve() / "reference" / key
-    if is_complete(out):
-        log.info("reference: cache hit %s (key %s): the reference model is not run", out, key)
-        return Reference(out, key, hit=True)
-    out.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "eval"):
-        if not has_split(prepared.path, split):
+    """Per prepared part and split: written aside and renamed into place when whole; the part is marked complete
+    last. A run killed midway leaves nothing that looks finished, and the next run reuses what is."""
+    import ray
+
+    model_key = fingerprint_model(reference_path)
+    parts, hits = [], []
+    for part in prepared.parts:
+        key = fingerprint("reference", VERSION, part.key, model_key, str(scoring_dtype(use_gpu)))
+        out = Path(cfg.cache_dir).resolve() / "reference" / key
+        parts.append(out)
+        hits.append(is_complete(out))
+        if hits[-1]:
+            log.info("reference: cache hit for %s (%s): the reference model is not run", part.file.name, out)
             continue
-        if is_complete(out / split):
-            log.info("reference: reusing the finished %s split from an interrupted run", split)
-            continue
-        log.info("reference: scoring the %s split with %s on %d actor(s) -> %s", split, reference_path, cfg.reference.num_actors, out / split)
-        with atomic_dir(out / split) as tmp:
-            score(prepared.path / split, reference_path, tokenizer_path, "ref_", cfg, use_gpu).write_parquet(str(tmp))
-    (out / "key.json").write_text(json.dumps({"prepared": prepared.key, "reference_model": reference_path}) + "\n")
-    (out / DONE).write_text("ok\n")
-    return Reference(out, key, hit=False)
+        out.mkdir(parents=True, exist_ok=True)
+        for split in ("train", "eval"):
+            if not has_split(part.path, split):
+                continue
+            if is_complete(out / split):
+                log.info("reference: reusing the finished %s split of %s from an interrupted run", split, part.file.name)
+                continue
+            log.info("reference: scoring %s (%s split) with %s on %d actor(s) -> %s", part.file.name, split, reference_path, cfg.reference.num_actors, out / split)
+            with atomic_dir(out / split) as tmp:
+                score(ray.data.read_parquet(str(part.path / split)), reference_path, tokenizer_path, "ref_", cfg, use_gpu).write_parquet(str(tmp))
+        (out / "key.json").write_text(json.dumps({"prepared": part.key, "file": str(part.file), "reference_model": reference_path}) + "\n")
+        (out / DONE).write_text("ok\n")
+    return Reference(parts, fingerprint("reference", [p.name for p in parts]), all(hits), prepared.drop_ids)

@@ -205,11 +205,12 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
         summary = {"output_dir": str(out_dir), "tracking_uri": uri, "reference_model_dir": reference_path,
                    "data": {**{k: prepared.stats[k] for k in ("rows_read", "rows_used", "rows_rejected", "duplicates", "blank_lines",
                                                               "train_rows", "eval_rows", "truncated", "rejects_by_reason")},
-                            "rejects_file": str(out_dir / "rejects.jsonl"), "prepared": str(prepared.path), "hit": prepared.hit}}
+                            "rejects_file": str(out_dir / "rejects.jsonl"), "key": prepared.key, "hit": prepared.hit,
+                            "files": [{"file": str(p.file), "prepared": str(p.path), "hit": p.hit} for p in prepared.parts]}}
         if "reference" not in stages:
             return summary
         ref = reference.run(cfg, prepared, reference_path, tokenizer_path, use_gpu)
-        summary["reference_cache"] = {"path": str(ref.path), "key": ref.key, "hit": ref.hit}
+        summary["reference_cache"] = ref.summary()
         if stages[-1] == "reference":
             return summary
         # retrain is a no-op when the data and config are as last time and the starting model is the one it
@@ -236,7 +237,7 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
 
         model_dir = out_dir / "model"
         if "train" in stages:
-            result = train.run(cfg, ref.path, policy_path, tokenizer.pad_token_id, use_gpu, cpus_per_worker, uri, run_id)
+            result = train.run(cfg, ref, policy_path, tokenizer.pad_token_id, use_gpu, cpus_per_worker, uri, run_id)
             export_model(result.checkpoint, tokenizer, model_dir)
             m = result.metrics or {}
             summary["train"] = {"steps": m.get("step"), "loss_first": m.get("loss_first"), "loss_last": m.get("loss_last"),

@@ -3,19 +3,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from dpo_ray.train_loop import train_loop_per_worker
 
 from .artifacts import fingerprint
+from .reference import read_split
 
 
-def run(cfg, ref_path: Path, policy_path: str, pad_id: int, use_gpu: bool, cpus_per_worker: float, tracking_uri: str | None, run_id: str | None):
+def run(cfg, ref, policy_path: str, pad_id: int, use_gpu: bool, cpus_per_worker: float, tracking_uri: str | None, run_id: str | None):
     """Returns the ray.train.Result. The Ray run name is a fingerprint of the inputs and the train config,
     so rerunning the same thing resumes its last checkpoint instead of starting over."""
-    name = "dpo-" + fingerprint(ref_path.name, policy_path, cfg.train.model_dump(exclude={"max_failures", "log_every"}), cfg.seed)
+    name = "dpo-" + fingerprint(ref.key, policy_path, cfg.train.model_dump(exclude={"max_failures", "log_every"}), cfg.seed)
     storage = cfg.train.storage_path or str(Path(cfg.output_dir).resolve() / "ray_train")
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -24,7 +24,7 @@ def run(cfg, ref_path: Path, policy_path: str, pad_id: int, use_gpu: bool, cpus_
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": ray.data.read_parquet(str(ref_path / "train"))},
+        datasets={"train": read_split(ref.parts, "train", ref.drop_ids)},
         dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads all rows, takes its slice (see train_loop)
     )
     try:

@@ -68,7 +68,7 @@ def test_every_line_accounted_for(ray_local, demo_model, cache_dir, messy_file, 
         assert r["detail"] and len(r["raw"]) <= 500 and r["raw"] == raw.decode("utf-8", "replace")[:500]
     import ray
 
-    ids = sorted(ray.data.read_parquet(str(p.path / "train")).to_pandas().row_id, key=lambda x: int(x.split(":")[1]))
+    ids = sorted(ray.data.read_parquet(str(p.parts[0].path / "train")).to_pandas().row_id, key=lambda x: int(x.split(":")[1]))
     assert ids == [f"messy.jsonl:{i}" for i in range(1, 41)]  # first copies kept, duplicates (41, 42) dropped
 
 

@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def ref_cache(tmp_path_factory, ray_local, cache_dir, small_pairs, demo_model):
-    from pipeline.run import run
+    from pipeline import prepare, reference
 
     tmp = tmp_path_factory.mktemp("faults")
     cfg = load_config(None, small_config(tmp, cache_dir, small_pairs))
-    s = run(cfg, stages=("prepare", "reference"))
-    return cfg, Path(s["reference_cache"]["path"])
+    prepared = prepare.run(cfg, demo_model, tmp / "rejects.jsonl")
+    return cfg, reference.run(cfg, prepared, demo_model, demo_model, use_gpu=False)
 
 
 def pids_of(pattern: str) -> list[int]:
@@ -35,10 +35,10 @@ def pids_of(pattern: str) -> list[int]:
     return [int(line.split(None, 1)[0]) for line in out.splitlines() if pattern in line and "ps -eo" not in line]
 
 
-def train(cfg, ref_path, demo_model, tracking=(None, None)):
+def train(cfg, ref, demo_model, tracking=(None, None)):
     from pipeline.train import run
 
-    return run(cfg, ref_path, demo_model, 0, False, 1.0, *tracking)
+    return run(cfg, ref, demo_model, 0, False, 1.0, *tracking)
 
 
 def test_killed_worker_resumes_to_the_same_weights(ref_cache, demo_model, tmp_path):
@@ -46,7 +46,7 @@ def test_killed_worker_resumes_to_the_same_weights(ref_cache, demo_model, tmp_pa
 
     from dpo_ray.tracking import ensure_experiment
 
-    cfg, ref_path = ref_cache
+    cfg, ref = ref_cache
     sets = {"train.epochs": 3, "train.max_steps": None, "train.checkpoint_every": 20, "train.max_failures": 1}
     straight_cfg = cfg.model_copy(deep=True)
     killed_cfg = cfg.model_copy(deep=True)
@@ -54,7 +54,7 @@ def test_killed_worker_resumes_to_the_same_weights(ref_cache, demo_model, tmp_pa
         c.output_dir = str(out)
         for k, v in sets.items():
             setattr(c.train, k.split(".")[1], v)
-    straight = train(straight_cfg, ref_path, demo_model)
+    straight = train(straight_cfg, ref, demo_model)
     assert straight.error is None
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -73,7 +73,7 @@ def test_killed_worker_resumes_to_the_same_weights(ref_cache, demo_model, tmp_pa
 
     watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     watcher.start()
-    result = train(killed_cfg, ref_path, demo_model, (uri, run_id))
+    result = train(killed_cfg, ref, demo_model, (uri, run_id))
     watcher.join(timeout=1)
     assert killed, "no training worker was found to kill"
     assert result.error is None and result.metrics["step"] == straight.metrics["step"]
@@ -97,13 +97,13 @@ def test_killed_worker_resumes_to_the_same_weights(ref_cache, demo_model, tmp_pa
 def test_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(ref_cache, demo_model, tmp_path):
     from pipeline.train import TrainingError
 
-    cfg, ref_path = ref_cache
+    cfg, ref = ref_cache
     cfg = cfg.model_copy(deep=True)
     cfg.output_dir = str(tmp_path)
     cfg.train.lr, cfg.train.warmup_ratio, cfg.train.checkpoint_every, cfg.train.max_nonfinite_steps = 1e30, 0.0, 1, 2
     cfg.train.max_steps = 20
     with pytest.raises(TrainingError, match="2 consecutive non-finite steps, the last at step 3"):
-        train(cfg, ref_path, demo_model)
+        train(cfg, ref, demo_model)
     ckpts = sorted(p for p in (tmp_path / "ray_train").glob("*/checkpoint_*") if p.is_dir())
     assert ckpts
     last = json.loads((ckpts[-1] / "state.json").read_text())

@@ -31,6 +31,10 @@ def cli_run(tmp_path_factory, cache_dir, small_pairs, demo_model):
     return tmp, sets, json.loads((tmp / "out" / "summary.json").read_text()), proc
 
 
+def small_pairs_lines(cfg) -> list[str]:
+    return Path(cfg.data.train[0]).read_text().splitlines(keepends=True)
+
+
 def test_summary_contract(cli_run):
     tmp, _, s, proc = cli_run
     assert set(s) >= {"mlflow_run_id", "tracking_uri", "model_dir", "reference_model_dir", "data", "reference_cache", "train", "eval"}
@@ -70,7 +74,7 @@ def test_mlflow_run_has_metrics_params_and_artifacts(cli_run):
     for name in TRL_NAMES:
         assert len(client.get_metric_history(run.info.run_id, f"train/{name}")) == 6, name
     assert run.data.metrics["eval/rewards/accuracies"] == pytest.approx(s["eval"]["rewards/accuracies"])
-    assert run.data.params["train.beta"] == "0.1" and run.data.tags["dataset_fingerprint"] == Path(s["data"]["prepared"]).name
+    assert run.data.params["train.beta"] == "0.1" and run.data.tags["dataset_fingerprint"] == s["data"]["key"]
     assert run.data.metrics["data/rows_rejected"] == 2
     # a secret-looking config value never reaches MLflow or the saved config
     assert run.data.params["model.hf_token"] == "***"
@@ -113,6 +117,13 @@ def test_rerun_reuses_caches_and_resumes_training(cli_run, ray_local):
     # resumed from the final checkpoint in its storage path: no step was trained again
     assert MlflowClient(again["tracking_uri"]).get_metric_history(again["mlflow_run_id"], "train/loss") == []
     assert again["eval"]["rewards/accuracies"] == pytest.approx(first["eval"]["rewards/accuracies"], abs=1e-6)
+    # a new file next to the old one: only the new file is tokenized and scored
+    extra = tmp / "extra.jsonl"
+    extra.write_text("".join(small_pairs_lines(cfg)[:60]).replace("Tell me", "Please tell me"))
+    grown = run(load_config("configs/demo.yaml", sets + [f"data.train=[{cfg.data.train[0]}, {extra}]"]), stages=("prepare", "reference"))
+    assert [f["hit"] for f in grown["data"]["files"]] == [True, False]
+    assert grown["reference_cache"]["parts"][0] == first["reference_cache"]["path"] and len(grown["reference_cache"]["parts"]) == 2
+    assert not grown["reference_cache"]["hit"] and grown["data"]["rows_read"] == 240 + 60
     # a different max_length is different prepared data: a new key all the way down
     changed = run(load_config("configs/demo.yaml", sets + ["data.max_length=80"]), stages=("prepare", "reference"))
     assert not changed["data"]["hit"] and changed["reference_cache"]["key"] != first["reference_cache"]["key"]
