@@ -13,14 +13,14 @@ USER_ERRORS: tuple[type[BaseException], ...] = ()
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.artifacts import DataError, LockedError
-    from pipeline.run import ResourceError
+    from pipeline.run import ResourceError, SetupError
     from pipeline.train import TrainingError
 
     from .config import ConfigError
     from .model import ModelError
     from .tracking import TrackingError
 
-    return (ConfigError, DataError, LockedError, ModelError, TrackingError, ResourceError, TrainingError, PermissionError, ConnectionError, FileNotFoundError)
+    return (ConfigError, DataError, LockedError, ModelError, TrackingError, ResourceError, SetupError, TrainingError)
 
 
 def build_parser() -> argparse.ArgumentParser:

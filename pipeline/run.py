@@ -30,6 +30,10 @@ class ResourceError(RuntimeError):
     """The Ray cluster cannot run the requested workers; waiting would hang."""
 
 
+class SetupError(RuntimeError):
+    """The environment the user pointed at cannot be used: an unwritable output_dir, a Ray address nobody answers."""
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("dpo_ray").setLevel(logging.INFO)
@@ -42,7 +46,7 @@ def check_output_dir(path: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"output_dir {path} is not writable ({e.strerror}); set output_dir to a writable directory") from None
+        raise SetupError(f"output_dir {path} is not writable ({e.strerror}); set output_dir to a writable directory") from None
 
 
 def start_ray(address: str | None):
@@ -57,7 +61,7 @@ def start_ray(address: str | None):
         try:
             ray.init(address=address)
         except (ConnectionError, RuntimeError, TimeoutError) as e:
-            raise ConnectionError(f"Ray cluster at {address} does not answer ({str(e).splitlines()[0][:160]}); "
+            raise SetupError(f"Ray cluster at {address} does not answer ({str(e).splitlines()[0][:160]}); "
                                   f"check `ray status --address {address}` or unset RAY_ADDRESS to run locally") from None
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
@@ -73,7 +77,7 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
     except (OSError, ValueError) as e:
-        raise ConnectionError(f"Ray cluster at {address} does not answer ({e}); start it with `ray start --head` "
+        raise SetupError(f"Ray cluster at {address} does not answer ({e}); start it with `ray start --head` "
                               f"or fix RAY_ADDRESS / --address (unset it to run a local Ray runtime)") from None
 
 
@@ -98,6 +102,9 @@ def plan_resources(cfg: Config) -> tuple[bool, float]:
 
 
 def git_commit() -> str | None:
+    """The code's commit; a Ray job's working dir has no .git, so DPO_RAY_GIT_COMMIT (set via --runtime-env-json) wins."""
+    if os.environ.get("DPO_RAY_GIT_COMMIT"):
+        return os.environ["DPO_RAY_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
         return out.stdout.strip() or None
@@ -245,7 +252,7 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
         summary["model_dir"] = str(model_dir)
         if "evaluate" in stages:
             if not model_dir.exists():
-                raise FileNotFoundError(f"evaluate: no trained model at {model_dir}; run `dpo-ray train` first")
+                raise SetupError(f"evaluate: no trained model at {model_dir}; run `dpo-ray train` first")
             ev = evaluate.run(cfg, ref, model_dir, reference_path, tokenizer_path, use_gpu)
             tracker.log_metrics(ev, step=summary.get("train", {}).get("steps") or 0)
             summary["eval"] = {k[len("eval/"):]: v for k, v in ev.items() if not k.startswith("eval/reference/")}
