@@ -214,12 +214,6 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
                                                               "train_rows", "eval_rows", "truncated", "rejects_by_reason")},
                             "rejects_file": str(out_dir / "rejects.jsonl"), "key": prepared.key, "hit": prepared.hit,
                             "files": [{"file": str(p.file), "prepared": str(p.path), "hit": p.hit} for p in prepared.parts]}}
-        if "reference" not in stages:
-            return summary
-        ref = reference.run(cfg, prepared, reference_path, tokenizer_path, use_gpu)
-        summary["reference_cache"] = ref.summary()
-        if stages[-1] == "reference":
-            return summary
         # retrain is a no-op when the data and config are as last time and the starting model is the one it
         # started from or the champion it produced (else a promotion would trigger endless retraining)
         retrain_key = {"data": prepared.key, "config": Config.model_validate(masked(cfg.model_dump())).model_dump_json()}
@@ -228,6 +222,12 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
         if last.get("key") == retrain_key and policy_path in last.get("policies", []):
             log.info("retrain: no new data and the same starting model as the last retrain; nothing to do")
             return {**last["summary"], "skipped": True}
+        if "reference" not in stages:
+            return summary
+        ref = reference.run(cfg, prepared, reference_path, tokenizer_path, use_gpu)
+        summary["reference_cache"] = ref.summary()
+        if stages[-1] == "reference":
+            return summary
 
         exp_id = ensure_experiment(uri, cfg.mlflow.experiment)
         tags = {"dataset_fingerprint": prepared.key, "reference_cache_key": ref.key, "dpo_ray.stages": ",".join(stages),

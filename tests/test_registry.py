@@ -82,7 +82,9 @@ def test_register_retrain_promote_and_lock(tmp_path, cache_dir, small_pairs, dem
     assert run2.data.metrics["registry/champion_score"] == 0.5 and run2.data.tags["registry.decision"] == want
 
     # the same inputs again (the starting model now being the champion that retrain produced): nothing to do
+    scored = sorted((cache_dir / "reference").iterdir())
     third = run(load_config("configs/demo.yaml", retrain_sets), retrain=True)
+    assert sorted((cache_dir / "reference").iterdir()) == scored  # not even the new champion's reference pass
     assert third["skipped"] and len(client.search_model_versions(f"name='{NAME}'")) == 2
 
     # an overlapping invocation is refused and changes nothing
