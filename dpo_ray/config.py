@@ -118,6 +118,14 @@ class Config(_Strict):
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
+    @model_validator(mode="after")
+    def _paths_are_posix(self) -> "Config":
+        for key in ("output_dir", "cache_dir"):
+            if "://" in getattr(self, key):
+                raise ValueError(f"{key} must be a local or shared-mount path (its caches rely on atomic renames and "
+                                 f"file locks); object-store URIs such as s3:// are accepted by train.storage_path")
+        return self
+
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
