@@ -216,7 +216,8 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
                             "files": [{"file": str(p.file), "prepared": str(p.path), "hit": p.hit} for p in prepared.parts]}}
         # retrain is a no-op when the data and config are as last time and the starting model is the one it
         # started from or the champion it produced (else a promotion would trigger endless retraining)
-        retrain_key = {"data": prepared.key, "config": Config.model_validate(masked(cfg.model_dump())).model_dump_json()}
+        safe_cfg = masked(cfg.model_dump())  # what is logged and saved: secrets masked
+        retrain_key = {"data": prepared.key, "config": json.dumps(safe_cfg, sort_keys=True)}
         last_file = out_dir / "last_retrain.json"
         last = json.loads(last_file.read_text()) if retrain and last_file.exists() else {}
         if last.get("key") == retrain_key and policy_path in last.get("policies", []):
@@ -235,7 +236,6 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
         run_id = MlflowClient(uri).create_run(exp_id, run_name=run_name(cfg, prepared.key), tags=tags).info.run_id
         tracker = RunLogger(uri, run_id)
         summary["mlflow_run_id"] = run_id
-        safe_cfg = masked(cfg.model_dump())
         tracker.call("params", tracker.client.log_batch, params=[Param(k, str(v)[:6000]) for k, v in flatten(safe_cfg).items()])
         tracker.call("config.yaml", tracker.client.log_text, to_yaml(Config.model_validate(safe_cfg)), "config.yaml")
         tracker.call("data_stats.json", tracker.client.log_dict, prepared.stats, "data_stats.json")
