@@ -21,9 +21,12 @@ TRL_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
 
 
 @pytest.fixture(scope="module")
-def cli_run(tmp_path_factory, cache_dir, small_pairs, demo_model):
+def cli_run(tmp_path_factory, small_pairs, demo_model):
     tmp = tmp_path_factory.mktemp("cli")
-    sets = small_config(tmp, cache_dir, small_pairs) + ["model.hf_token=hf_s3cret_value"]
+    cache = tmp / "cache"  # this module's own cache (other modules score the same data): the first run must miss
+    (cache / "models").mkdir(parents=True)
+    os.symlink(demo_model, cache / "models" / Path(demo_model).name)
+    sets = small_config(tmp, cache, small_pairs) + ["model.hf_token=hf_s3cret_value"]
     cmd = [str(Path(sys.executable).parent / "dpo-ray"), "run", "configs/demo.yaml"] + [a for s in sets for a in ("--set", s)]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parent.parent)
