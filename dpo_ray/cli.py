@@ -8,9 +8,6 @@ import argparse
 import json
 import sys
 
-USER_ERRORS: tuple[type[BaseException], ...] = ()
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.artifacts import DataError, LockedError
     from pipeline.run import ResourceError, SetupError

@@ -119,10 +119,13 @@ def train_loop_per_worker(config: dict) -> None:
     # [3] the loop
     policy.train()
     nonfinite, t_start, step_times, last = 0, time.time(), [], {}
+    order, order_epoch = [], -1
     for step in range(start_step, total_steps):
         t0 = time.time()
         epoch, pos = divmod(step, steps_per_epoch)
-        order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+        if epoch != order_epoch:  # the permutation is a function of (seed, epoch): built once per epoch
+            order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+            order_epoch = epoch
         lr = lr_at(step, total_steps, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
