@@ -1,15 +1,19 @@
-"""The policy forward used by training, reference scoring and evaluation: (B, T) ids -> (B,) logps.
+"""The policy forward used by training, reference scoring and evaluation: a pair batch -> per-sequence logps.
 
-The LM head runs only on positions that predict a reply token: for DPO data most positions are
-prompt, so this skips most of the (T x hidden x vocab) head and never builds full (B, T, V) logits.
-Models whose head is more than a Linear (logit soft-capping, scaling) take the plain full-logits path.
+Two costs of the plain computation are removed here:
+- padding: pairs are packed into one row (packing.pack_pairs), the prompt computed once per pair;
+  models that cannot take the packed attention get length-padded batches (packing.pad_pairs);
+- the LM head: it runs only on the positions that predict a reply token, so most of the
+  (T x hidden x vocab) head is skipped and no full (B, T, V) logits are built.
+Models whose head is more than a Linear (logit soft-capping, scaling) take the full-logits path.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .logps import gather_sums, reply_positions, sequence_logps, token_logps
+from . import packing
+from .logps import gather_sums, token_logps
 
 
 def _head_is_plain_linear(model) -> bool:
@@ -22,41 +26,39 @@ def _head_is_plain_linear(model) -> bool:
         return False
 
 
-class PolicyLogps(nn.Module):
-    """Wraps a causal LM so that DDP/FSDP see one forward: (input_ids, attention_mask, loss_mask) -> (logps, counts)."""
+def supports_packing(model) -> bool:
+    """Models built on transformers' attention interface, without sliding windows or attention soft-capping."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
+    sliding = bool(window) or "sliding_attention" in (getattr(cfg, "layer_types", None) or ())
+    return bool(getattr(model, "_supports_attention_backend", False)) and not sliding and not getattr(cfg, "attn_logit_softcapping", None)
 
-    def __init__(self, model: nn.Module, reply_only_head: bool = True):
+
+class PolicyLogps(nn.Module):
+    """Wraps a causal LM so that DDP/FSDP see one forward: a batch from `collate` -> (logps (2B,), counts (2B,))."""
+
+    def __init__(self, model: nn.Module, reply_only_head: bool = True, packed: bool = True):
         super().__init__()
         self.model = model
         self.reply_only_head = reply_only_head and _head_is_plain_linear(model)
+        self.packed = packed and supports_packing(model)
+        if self.packed:
+            model.set_attn_implementation(packing.register())  # plain SDPA for any call that is not a packed batch
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor):
-        if not self.reply_only_head:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            return sequence_logps(logits, input_ids, loss_mask)
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
-        rows, cols = reply_positions(loss_mask)
-        logits = self.model.get_output_embeddings()(hidden[rows, cols])  # (N, V) for the N scored tokens only
-        return gather_sums(token_logps(logits, input_ids[rows, cols + 1]), rows, input_ids.shape[0])
+    def collate(self, rows: dict, pad_id: int, device=None) -> dict:
+        batch = packing.pack_pairs(rows) if self.packed else packing.pad_pairs(rows, pad_id)
+        return packing.to_device(batch, device) if device is not None else batch
 
-
-def pad_pairs(batch: dict, pad_id: int, device=None) -> dict[str, torch.Tensor]:
-    """Rows of ragged chosen/rejected lists -> one right-padded (2B, T) batch, order [chosen; rejected].
-
-    T is the longest sequence in this batch (not a global max_length).
-    """
-    seqs = list(batch["chosen_input_ids"]) + list(batch["rejected_input_ids"])
-    masks = list(batch["chosen_loss_mask"]) + list(batch["rejected_loss_mask"])
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), T), dtype=torch.long)
-    loss_mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, (s, m) in enumerate(zip(seqs, masks)):
-        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        attn[i, : len(s)] = 1
-        loss_mask[i, : len(m)] = torch.as_tensor(m, dtype=torch.long)
-    out = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
-    for k in ("ref_chosen_logps", "ref_rejected_logps"):
-        if k in batch:
-            out[k] = torch.as_tensor(batch[k], dtype=torch.float32)
-    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = batch["input_ids"]
+        kwargs = {"input_ids": ids, "position_ids": batch["position_ids"], "use_cache": False}
+        if batch["pair_layout"] is not None:
+            kwargs.update(attention_mask=packing.placeholder_mask(ids.device), pair_layout=batch["pair_layout"])
+        else:
+            kwargs["attention_mask"] = batch["attention_mask"]
+        if self.reply_only_head:
+            hidden = self.model.get_decoder()(**kwargs).last_hidden_state  # (R, T, H)
+            logits = self.model.get_output_embeddings()(hidden.flatten(0, 1)[batch["score_pos"]])  # (N, V): scored positions only
+        else:
+            logits = self.model(**kwargs).logits.flatten(0, 1)[batch["score_pos"]]
+        return gather_sums(token_logps(logits, batch["score_target"]), batch["score_seq"], batch["n_seqs"])

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .forward import PolicyLogps, pad_pairs
+from .forward import PolicyLogps
 from .model import load_model, load_tokenizer
 
 
@@ -32,9 +32,8 @@ class LogpsScorer:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         cols = {k: table.column(k).to_pylist() for k in ("chosen_input_ids", "rejected_input_ids", "chosen_loss_mask", "rejected_loss_mask")}
-        batch = pad_pairs(cols, self.pad_id, self.device)
         with torch.inference_mode():
-            logps, _ = self.model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            logps, _ = self.model(self.model.collate(cols, self.pad_id, self.device))
         logps = logps.float().cpu().numpy().astype(np.float32)
         n = table.num_rows
         table = table.append_column(f"{self.prefix}chosen_logps", pa.array(logps[:n], type=pa.float32()))

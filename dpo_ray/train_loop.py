@@ -23,7 +23,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .config import Config
-from .forward import PolicyLogps, pad_pairs
+from .forward import PolicyLogps
 from .losses import dpo_loss
 from .metrics import dpo_metrics
 from .model import load_model
@@ -100,7 +100,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     # [2] model and optimizer (fp32 master weights; bf16 only inside autocast)
     model = load_model(config["policy_path"], cfg.model.trust_remote_code, token=cfg.model.hf_token)
-    policy = ray.train.torch.prepare_model(PolicyLogps(model))  # DDP on >1 worker; moves to device
+    wrapper = PolicyLogps(model)  # packed pairs (prompt once per pair, no padding) when the model's attention allows it
+    policy = ray.train.torch.prepare_model(wrapper)  # DDP on >1 worker; moves to device
     optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
     bf16 = use_bf16(t.bf16, device)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
@@ -113,7 +114,8 @@ def train_loop_per_worker(config: dict) -> None:
         log.info("rank %d: resumed from checkpoint at step %d", rank, start_step)
     if rank == 0:
         log.info("train: %d pairs, %d workers x %d pairs x %d accumulation = %d pairs/step, %d steps/epoch, %d steps, "
-                 "precision %s", n_pairs, world, bs, accum, pairs_per_step, steps_per_epoch, total_steps,
+                 "batches %s, precision %s", n_pairs, world, bs, accum, pairs_per_step, steps_per_epoch, total_steps,
+                 "packed (prompt once per pair, no padding)" if wrapper.packed else "padded to the longest sequence",
                  "bf16 autocast" if bf16 else "fp32 (set train.bf16=true to force bf16; this CPU has no native bf16)" if device.type == "cpu" else "fp32")
 
     # [3] the loop
@@ -132,12 +134,12 @@ def train_loop_per_worker(config: dict) -> None:
         parts, tokens = [], 0
         for micro in range(accum):
             first = ((pos * accum + micro) * world + rank) * bs
-            batch = pad_pairs(take(rows, order[first : first + bs]), config["pad_id"], device)
-            tokens += int(batch["attention_mask"].sum())
+            batch = wrapper.collate(take(rows, order[first : first + bs]), config["pad_id"], device)
+            tokens += batch["tokens"]  # real tokens of the chosen and rejected sequences (prompt counted in both)
             sync = policy.no_sync() if world > 1 and micro < accum - 1 else nullcontext()  # all-reduce once per step
             with sync:
                 with autocast:
-                    logps, counts = policy(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])  # (2B,)
+                    logps, counts = policy(batch)  # (2B,) order [chosen; rejected]
                 pc, pr, lc, lr_ = logps[:bs], logps[bs:], counts[:bs], counts[bs:]
                 losses, cr, rr = dpo_loss(pc, pr, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=t.beta,
                                           loss_type=t.loss_type, label_smoothing=t.label_smoothing, chosen_lengths=lc,
@@ -170,6 +172,7 @@ def train_loop_per_worker(config: dict) -> None:
         m = dict(zip(m, vec[:-1].tolist()))
         step_times.append(time.time() - t0)
         m["tokens_per_second"] = vec[-1].item() / step_times[-1]
+        m["step_seconds"] = step_times[-1]
         loss_first = m["loss"] if loss_first is None else loss_first
         tracker.log_metrics({f"train/{k}": v for k, v in m.items()}, step=step + 1)
         last = m

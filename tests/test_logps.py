@@ -1,8 +1,11 @@
 """Per-sequence logps against an independent float64 computation and a plain transformers forward."""
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+import copy
 
-from dpo_ray.forward import PolicyLogps, pad_pairs
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from dpo_ray.forward import PolicyLogps
 from dpo_ray.logps import sequence_logps
 
 
@@ -43,48 +46,92 @@ def test_sequence_logps_chunked_and_bf16():
     torch.testing.assert_close(sequence_logps(logits.bfloat16(), ids, mask)[0].double(), ref, atol=1e-4, rtol=1e-6)
 
 
-def _tiny_model():
+def _tiny_model(arch: str = "llama"):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    if arch == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()  # attention bias on q/k/v, GQA
+    return LlamaForCausalLM(LlamaConfig(**common)).eval()
 
 
 def _ragged_batch():
+    """Pairs that share a prompt, replies of different lengths; one pair whose replies also start alike, one
+    whose rejected reply is a prefix of the chosen one, and one with nothing shared at all."""
     g = torch.Generator().manual_seed(2)
+    rand = lambda n: torch.randint(1, 97, (n,), generator=g).tolist()  # noqa: E731
     rows = {"chosen_input_ids": [], "rejected_input_ids": [], "chosen_loss_mask": [], "rejected_loss_mask": []}
+
+    def add(prompt, chosen, rejected):
+        for key, reply in (("chosen", chosen), ("rejected", rejected)):
+            rows[f"{key}_input_ids"].append(prompt + reply)
+            rows[f"{key}_loss_mask"].append([0] * len(prompt) + [1] * len(reply))
+
     for n_prompt, n_c, n_r in [(5, 4, 9), (12, 3, 2), (2, 20, 6)]:
-        prompt = torch.randint(0, 97, (n_prompt,), generator=g).tolist()
-        for key, n in (("chosen", n_c), ("rejected", n_r)):
-            rows[f"{key}_input_ids"].append(prompt + torch.randint(0, 97, (n,), generator=g).tolist())
-            rows[f"{key}_loss_mask"].append([0] * n_prompt + [1] * n)
+        add(rand(n_prompt), rand(n_c), rand(n_r))
+    start = rand(3)
+    add(rand(4), start + rand(5), start + rand(2))  # replies share their first 3 tokens
+    reply = rand(6)
+    add(rand(3), reply, reply[:4])  # the rejected sequence is a prefix of the chosen one
+    rows["chosen_input_ids"].append([5, 6, 7, 8]); rows["chosen_loss_mask"].append([0, 0, 1, 1])  # noqa: E702
+    rows["rejected_input_ids"].append([9, 6, 7]); rows["rejected_loss_mask"].append([0, 1, 1])  # noqa: E702  differ at token 0
     return rows
 
 
-def test_policy_logps_fast_path_equals_plain_forward_and_unpadded():
-    model = _tiny_model()
-    rows = _ragged_batch()
-    batch = pad_pairs(rows, pad_id=0)
+def _alone_float64(model, rows):
+    """Each sequence on its own, no padding, the whole model in float64: the independent computation."""
+    m64 = copy.deepcopy(model).double()
+    seqs = rows["chosen_input_ids"] + rows["rejected_input_ids"]
+    masks = rows["chosen_loss_mask"] + rows["rejected_loss_mask"]
     with torch.no_grad():
-        fast, counts = PolicyLogps(model)(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        plain_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        want_padded = float64_reference(plain_logits, batch["input_ids"], batch["loss_mask"])
-        # each sequence alone, no padding at all
-        seqs = rows["chosen_input_ids"] + rows["rejected_input_ids"]
-        masks = rows["chosen_loss_mask"] + rows["rejected_loss_mask"]
-        alone = [float64_reference(model(input_ids=torch.tensor([s])).logits, torch.tensor([s]), torch.tensor([m]))[0] for s, m in zip(seqs, masks)]
-    assert PolicyLogps(model).reply_only_head
-    torch.testing.assert_close(fast.double(), want_padded, atol=1e-5, rtol=1e-6)
-    torch.testing.assert_close(fast.double(), torch.stack(alone), atol=1e-4, rtol=1e-6)
-    assert counts.tolist() == [sum(m) for m in masks]
+        return torch.stack([float64_reference(m64(input_ids=torch.tensor([s])).logits, torch.tensor([s]), torch.tensor([m]))[0]
+                            for s, m in zip(seqs, masks)]), [sum(m[1:]) for m in masks]
 
 
-def test_gradients_match_plain_path():
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("reply_only_head", [True, False], ids=["reply-head", "full-head"])
+def test_every_fast_path_equals_plain_float64(arch, packed, reply_only_head):
+    model = _tiny_model(arch)
+    rows = _ragged_batch()
+    policy = PolicyLogps(model, reply_only_head=reply_only_head, packed=packed)
+    assert policy.packed == packed and policy.reply_only_head == reply_only_head
+    batch = policy.collate(rows, pad_id=0)
+    with torch.no_grad():
+        logps, counts = policy(batch)
+    want, want_counts = _alone_float64(model, rows)
+    torch.testing.assert_close(logps.double(), want, atol=2e-5, rtol=1e-6)
+    assert counts.tolist() == want_counts
+    seqs = rows["chosen_input_ids"] + rows["rejected_input_ids"]
+    assert batch["tokens"] == sum(len(s) for s in seqs)
+    if packed:  # no padding, and the shared prefixes are computed once
+        assert batch["input_ids"].shape[0] == 1 and batch["positions"] == batch["input_ids"].shape[1] < batch["tokens"]
+    else:
+        assert batch["positions"] == batch["input_ids"].numel() > batch["tokens"]
+
+
+def test_packed_gradients_match_padded_plain_path():
     model = _tiny_model().train()
-    batch = pad_pairs(_ragged_batch(), pad_id=0)
+    rows = _ragged_batch()
     grads = []
-    for fast in (True, False):
+    for packed, fast in ((True, True), (False, False)):
         model.zero_grad()
-        logps, _ = PolicyLogps(model, reply_only_head=fast)(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        logps.sum().backward()
+        policy = PolicyLogps(model, reply_only_head=fast, packed=packed)
+        logps, _ = policy(policy.collate(rows, pad_id=0))
+        (logps * torch.linspace(-1, 1, len(logps))).sum().backward()  # weights of both signs, as in the DPO loss
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_packed_model_still_runs_ordinary_padded_calls_and_saves_plainly(tmp_path):
+    model = _tiny_model()
+    ids = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 0, 0]])
+    attn = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=attn).logits
+        PolicyLogps(model)  # switches the model to the packed attention
+        after = model(input_ids=ids, attention_mask=attn).logits
+    assert model.config._attn_implementation == "dpo_ray_packed"
+    torch.testing.assert_close(after[attn.bool()], before[attn.bool()], atol=1e-6, rtol=1e-6)
+    model.save_pretrained(tmp_path)
+    assert "dpo_ray_packed" not in (tmp_path / "config.json").read_text()  # a saved model loads anywhere

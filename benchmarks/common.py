@@ -1,0 +1,93 @@
+"""What every benchmark row shares: the model and tokenizer, the data sets, tokenization, memory and timing helpers.
+
+Data sets (MiniMind chat-format JSONL, written under the work directory):
+- demo:   the bundled demo pairs (short, similar lengths);
+- skewed: generated pairs whose prompt and reply lengths follow a long-tailed (log-normal) law, capped so a
+          sequence fits max_length: mostly short, a few long, as real preference data is. Words come from the
+          demo corpus, so the demo tokenizer covers them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+from pathlib import Path
+
+from dpo_ray.demo import DEMO_DATA, build_demo_model
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (Linux: ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def model_dir(work: Path) -> Path:
+    """The demo's tiny Llama (hidden 128, 4 layers, vocab 2048) and its BPE tokenizer, built offline once."""
+    out = work / "tiny-llama"
+    if not (out / "config.json").exists():
+        build_demo_model(out)
+    return out
+
+
+def _words() -> list[str]:
+    words = []
+    with open(DEMO_DATA, encoding="utf-8") as f:
+        for line in f:
+            for m in json.loads(line)["chosen"]:
+                words += m["content"].split()
+    return words
+
+
+def _text(rng: random.Random, words: list[str], n: int) -> str:
+    start = rng.randrange(len(words) - n) if len(words) > n else 0
+    return " ".join(words[start : start + n])
+
+
+def write_skewed(path: Path, n: int = 3000, max_words: int = 300, seed: int = 7) -> Path:
+    """Long-tailed lengths: prompt ~ 12 words median, replies ~ 20 words median (log-normal, sigma 1.0), a total cap of
+    `max_words` words per sequence (about 1.3 tokens a word here). Chosen and rejected lengths are drawn independently."""
+    if path.exists():
+        return path
+    rng, words = random.Random(seed), _words()
+    draw = lambda median: max(1, int(rng.lognormvariate(math.log(median), 1.0)))  # noqa: E731
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            p = min(draw(12), max_words // 2)
+            prompt = [{"role": "user", "content": _text(rng, words, p)}]
+            c, r = (min(draw(20), max_words - p) for _ in range(2))
+            row = {"chosen": prompt + [{"role": "assistant", "content": _text(rng, words, c)}],
+                   "rejected": prompt + [{"role": "assistant", "content": _text(rng, words, r)}]}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def datasets(work: Path) -> dict[str, Path]:
+    return {"demo": DEMO_DATA, "skewed": write_skewed(work / "data" / "skewed.jsonl")}
+
+
+def tokenized_pairs(data: Path, tokenizer_dir: Path, max_length: int, max_prompt_length: int) -> list[dict]:
+    """Every valid line tokenized by dpo-ray's own row code (chat template, masks on the final reply + EOS)."""
+    from dpo_ray.data import Reject, decode_line, to_conversations, tokenize_pair, validate_pair
+    from dpo_ray.model import load_tokenizer
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    out = []
+    with open(data, "rb") as f:
+        for raw in f:
+            try:
+                chosen, rejected = to_conversations(decode_line(raw.rstrip(b"\n")))
+                validate_pair(chosen, rejected)
+                out.append(tokenize_pair(tok, chosen, rejected, max_length, max_prompt_length))
+            except Reject:
+                continue
+    return out
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
