@@ -45,8 +45,8 @@ def _text(rng: random.Random, words: list[str], n: int) -> str:
     return " ".join(words[start : start + n])
 
 
-def write_skewed(path: Path, n: int = 3000, max_words: int = 300, seed: int = 7) -> Path:
-    """Long-tailed lengths: prompt ~ 12 words median, replies ~ 20 words median (log-normal, sigma 1.0), a total cap of
+def write_skewed(path: Path, n: int = 3000, max_words: int = 360, seed: int = 7) -> Path:
+    """Long-tailed lengths: prompt ~ 20 words median, replies ~ 30 words median (log-normal, sigma 1.0), a total cap of
     `max_words` words per sequence (about 1.3 tokens a word here). Chosen and rejected lengths are drawn independently."""
     if path.exists():
         return path
@@ -55,9 +55,9 @@ def write_skewed(path: Path, n: int = 3000, max_words: int = 300, seed: int = 7)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(n):
-            p = min(draw(12), max_words // 2)
+            p = min(draw(20), max_words // 2)
             prompt = [{"role": "user", "content": _text(rng, words, p)}]
-            c, r = (min(draw(20), max_words - p) for _ in range(2))
+            c, r = (min(draw(30), max_words - p) for _ in range(2))
             row = {"chosen": prompt + [{"role": "assistant", "content": _text(rng, words, c)}],
                    "rejected": prompt + [{"role": "assistant", "content": _text(rng, words, r)}]}
             f.write(json.dumps(row) + "\n")

@@ -11,13 +11,14 @@ import sys
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.artifacts import DataError, LockedError
     from pipeline.run import ResourceError, SetupError
+    from pipeline.storage import StorageError
     from pipeline.train import TrainingError
 
     from .config import ConfigError
     from .model import ModelError
     from .tracking import TrackingError
 
-    return (ConfigError, DataError, LockedError, ModelError, TrackingError, ResourceError, SetupError, TrainingError)
+    return (ConfigError, DataError, LockedError, ModelError, TrackingError, ResourceError, SetupError, StorageError, TrainingError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -109,7 +109,7 @@ class RegistryConfig(_Strict):
 class Config(_Strict):
     name: str = "dpo"
     output_dir: str = "runs/dpo"
-    cache_dir: str = "cache"  # prepared data, reference log-probs and the demo model, keyed by fingerprint
+    cache_dir: str = "cache"  # prepared data and reference log-probs, keyed by fingerprint: a path or a pyarrow.fs URI (s3://...)
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -119,11 +119,10 @@ class Config(_Strict):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     @model_validator(mode="after")
-    def _paths_are_posix(self) -> "Config":
-        for key in ("output_dir", "cache_dir"):
-            if "://" in getattr(self, key):
-                raise ValueError(f"{key} must be a local or shared-mount path (its caches rely on atomic renames and "
-                                 f"file locks); object-store URIs such as s3:// are accepted by train.storage_path")
+    def _output_dir_is_a_path(self) -> "Config":
+        if "://" in self.output_dir:
+            raise ValueError("output_dir must be a local or shared-mount path (it holds the run lock, the logs and the exported "
+                             "model); object-store URIs such as s3:// are accepted by cache_dir and train.storage_path")
         return self
 
 
@@ -207,14 +206,20 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 SECRET_WORDS = ("token", "password", "secret", "key")
 
 
+URI_USERINFO = re.compile(r"^([a-z][a-z0-9+.\-]*://)[^/@\s]+@", re.I)  # s3://KEY:SECRET@bucket/...
+
+
 def masked(d: dict) -> dict:
-    """A copy with values of secret-looking keys (hf_token, api_key; not `tokenizer`) replaced, for logging."""
+    """A copy with values of secret-looking keys (hf_token, api_key; not `tokenizer`) replaced, and credentials in
+    URIs (scheme://user:password@...) hidden, for logging."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
             out[k] = masked(v)
         elif any(part in SECRET_WORDS for part in re.split(r"[_\-.]", k.lower())) and v not in (None, ""):
             out[k] = "***"
+        elif isinstance(v, str) and URI_USERINFO.match(v):
+            out[k] = URI_USERINFO.sub(r"\1***@", v)
         else:
             out[k] = v
     return out

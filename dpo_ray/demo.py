@@ -2,7 +2,8 @@
 
 `python -m dpo_ray.demo` rewrites dpo_ray/demo_data/pairs.jsonl (deterministic; the file ships with
 the package). The tokenizer (byte-level BPE trained on those pairs, ChatML template) and a randomly
-initialised ~4M-parameter Llama are built on first use into <cache_dir>/models/, in HF format, so
+initialised ~4M-parameter Llama are built on first use into <cache_dir>/models/ (<output_dir>/models/
+when cache_dir is an object-store URI: a model must be a local directory), in HF format, so
 they serve as policy and reference and anyone can load them with `from_pretrained`.
 
 What DPO should learn: chosen replies are on-topic, polite and informative; rejected ones are rude,

@@ -18,7 +18,12 @@ class ModelError(ValueError):
 
 
 def resolve_model(name: str, cache_dir: str | Path) -> str:
-    """A local directory (absolute path), a hub id (unchanged), or demo:tiny-llama (built once under cache_dir)."""
+    """A local directory (absolute path), a hub id (unchanged), or demo:tiny-llama (built once under <cache_dir>/models).
+
+    `cache_dir` here is a local directory (a model must be one to load): the driver passes config cache_dir when it
+    is local, else output_dir (pipeline.storage.model_root)."""
+    if "://" in str(cache_dir):
+        raise ModelError(f"models are built and downloaded into a local directory, not {cache_dir}")
     if name.startswith(DEMO_PREFIX):
         if name != "demo:tiny-llama":
             raise ModelError(f"unknown demo model {name!r}; the embedded default is demo:tiny-llama")

@@ -1,4 +1,12 @@
-"""Fingerprints, input discovery, atomic directory writes and completion markers."""
+"""Fingerprints, input discovery, atomic directory writes and completion markers.
+
+A cache directory is complete when its `_COMPLETE` marker exists; readers treat a directory without one as absent.
+On the local filesystem the directory is filled aside and renamed into place (`atomic_dir`). Object stores have no
+directory rename, so there it is filled in a fresh `attempt-<id>/` inside it and the marker, written last, names
+that attempt: a single object written at once, so a reader sees either no marker or a whole attempt, and two runs
+filling the same key at the same time cannot mix their files (the last marker wins; both attempts are whole).
+`completed()` gives the directory that holds the data either way.
+"""
 from __future__ import annotations
 
 import glob
@@ -10,7 +18,9 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-DONE = "_COMPLETE"  # written last, inside the temporary directory, before the rename into place
+from .storage import Location, local
+
+DONE = "_COMPLETE"  # written last: locally inside the temporary directory before the rename; on object stores it names the attempt
 
 
 class LockedError(RuntimeError):
@@ -87,8 +97,39 @@ def hash_file(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def is_complete(path: Path) -> bool:
-    return (Path(path) / DONE).exists()
+ATTEMPT = "attempt-"  # prefix of the per-attempt directories on object stores
+
+
+def completed(loc: Location | Path) -> Location | None:
+    """The directory holding the data of a complete `loc` (itself, or the attempt its marker names); None if not complete."""
+    loc = loc if isinstance(loc, Location) else local(loc)
+    try:
+        marker = (loc / DONE).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return loc / marker if marker.startswith(ATTEMPT) and "/" not in marker else loc
+
+
+def is_complete(path: Location | Path) -> bool:
+    return completed(path) is not None
+
+
+@contextmanager
+def complete_dir(final: Location):
+    """Yield a directory to fill; when the block ends without an error, `final` is complete.
+
+    Local: `atomic_dir` (filled aside, renamed into place). Object stores: a fresh `final/attempt-<id>/`, then the
+    marker naming it. Whatever an interrupted attempt left is never read (no marker names it) and is replaced by
+    the next attempt; its files are not deleted here, since they may be another run's attempt still being written.
+    """
+    if final.is_local:
+        with atomic_dir(Path(final.path)) as tmp:
+            yield local(tmp)
+        return
+    attempt = final / f"{ATTEMPT}{uuid.uuid4().hex[:12]}"
+    attempt.mkdir()
+    yield attempt
+    (final / DONE).write_text(attempt.name + "\n")
 
 
 @contextmanager

@@ -6,7 +6,8 @@
 Inside a job Ray sets RAY_ADDRESS, so `pipeline.run.start_ray` joins the cluster instead of starting a
 local runtime. Arguments are those of `dpo-ray` (see `dpo-ray --help`); the exit status is the CLI's.
 Paths in the config are resolved in the job's working directory (a copy of --working-dir in Ray's temp
-folder): give output_dir, cache_dir and a sqlite mlflow.tracking_uri as absolute, shared paths.
+folder): give output_dir, cache_dir and a sqlite mlflow.tracking_uri as absolute, shared paths (cache_dir and
+train.storage_path may instead be object-store URIs such as s3://bucket/prefix).
 """
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ import pyarrow.parquet  # noqa: F401  (pa.parquet)
 from dpo_ray.data import Reject, decode_line, pair_hash, to_conversations, tokenize_pair, validate_pair
 from dpo_ray.model import fingerprint_tokenizer, load_tokenizer
 
-from .artifacts import DataError, atomic_dir, fingerprint, hash_file, is_complete, resolve_data_files
+from .artifacts import DataError, complete_dir, completed, fingerprint, hash_file, resolve_data_files
+from .storage import Location, open_location
 
 log = logging.getLogger("dpo_ray")
 VERSION = 2  # bump when the row format or masking changes: part of the key
@@ -31,10 +32,12 @@ RAW_CHARS = 500
 
 @dataclass
 class Part:
-    """One input file, prepared: <cache_dir>/prepared/<key>/ (train/, eval/, rejects.jsonl, meta.parquet, stats.json)."""
+    """One input file, prepared: <cache_dir>/prepared/<key>/ (train/, eval/, rejects.jsonl, meta.parquet).
+
+    `path` is the directory holding the data: the key directory, or on object stores the attempt its marker names."""
 
     file: Path
-    path: Path
+    path: Location
     key: str
     hit: bool
 
@@ -119,21 +122,23 @@ def run(cfg, tokenizer_path: str, rejects_copy: Path) -> Prepared:
     files = resolve_data_files(cfg.data.train)
     eval_files = resolve_data_files(cfg.data.eval) if cfg.data.eval else []
     tok_key = fingerprint_tokenizer(load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.hf_token))
+    cache = open_location(cfg.cache_dir)
     parts = []
     for f in files + eval_files:
         is_eval = f in eval_files
         key = fingerprint("prepare", VERSION, hash_file(f), tok_key, cfg.data.max_length, cfg.data.prompt_budget,
                           "eval" if is_eval else ("train" if eval_files else cfg.data.eval_fraction))
-        out = Path(cfg.cache_dir).resolve() / "prepared" / key
-        hit = is_complete(out)
-        if hit:
+        out = cache / "prepared" / key
+        data = completed(out)
+        if data:
             log.info("prepare: %s unchanged, reusing %s", f.name, out)
         else:
             _prepare_file(cfg, f, is_eval, bool(eval_files), tokenizer_path, out)
-        parts.append(Part(f, out, key, hit))
+        parts.append(Part(f, data or completed(out), key, data is not None))
 
     # across files: the first copy of a pair is kept (files in order, then lines); rejects in the same order
-    meta = pd.concat([pq.read_table(p.path / "meta.parquet").to_pandas().assign(part=i) for i, p in enumerate(parts)], ignore_index=True)
+    metas = [p.path / "meta.parquet" for p in parts]
+    meta = pd.concat([pq.read_table(m.path, filesystem=m.fs).to_pandas().assign(part=i) for i, m in enumerate(metas)], ignore_index=True)
     meta = meta.sort_values(["part", "line_no"], kind="stable")
     ok = meta[meta.status == "ok"]
     dup = ok[ok.duplicated("pair_hash", keep="first")]
@@ -155,7 +160,7 @@ def run(cfg, tokenizer_path: str, rejects_copy: Path) -> Prepared:
     return prepared
 
 
-def _prepare_file(cfg, file: Path, is_eval: bool, has_eval_files: bool, tokenizer_path: str, out: Path) -> None:
+def _prepare_file(cfg, file: Path, is_eval: bool, has_eval_files: bool, tokenizer_path: str, out: Location) -> None:
     import ray
 
     log.info("prepare: tokenizing %s with Ray Data -> %s", file, out)
@@ -170,14 +175,14 @@ def _prepare_file(cfg, file: Path, is_eval: bool, has_eval_files: bool, tokenize
     meta = meta.sort_values("line_no", kind="stable")
     ok = meta[meta.status == "ok"]
     keep_ids = set(ok.row_id[~ok.duplicated("pair_hash", keep="first")])  # duplicates within the file: kept once
-    with atomic_dir(out) as tmp:
-        with open(tmp / "rejects.jsonl", "w", encoding="utf-8") as f:
-            for r in meta[~meta.status.isin(["ok", "blank"])].itertuples():
-                f.write(json.dumps({"source": r.source, "line": int(r.line_no), "reason": r.status, "detail": r.detail, "raw": r.raw}, ensure_ascii=False) + "\n")
+    with complete_dir(out) as tmp:
+        (tmp / "rejects.jsonl").write_text("".join(
+            json.dumps({"source": r.source, "line": int(r.line_no), "reason": r.status, "detail": r.detail, "raw": r.raw}, ensure_ascii=False) + "\n"
+            for r in meta[~meta.status.isin(["ok", "blank"])].itertuples()))
         for split in ("train", "eval"):
             ids = pa.array(sorted(meta.row_id[meta.row_id.isin(keep_ids) & (meta.split == split)]), type=pa.string())
-            processed.map_batches(_select_rows, batch_format="pyarrow", fn_kwargs={"row_ids": ids}).write_parquet(str(tmp / split))
-        pa.parquet.write_table(pa.Table.from_pandas(meta[META_COLUMNS], preserve_index=False), tmp / "meta.parquet")
+            processed.map_batches(_select_rows, batch_format="pyarrow", fn_kwargs={"row_ids": ids}).write_parquet((tmp / split).path, filesystem=tmp.fs)
+        pa.parquet.write_table(pa.Table.from_pandas(meta[META_COLUMNS], preserve_index=False), (tmp / "meta.parquet").path, filesystem=tmp.fs)
 
 
 def _stats(meta, ok, dup, keep_ids, files, eval_files) -> dict:

@@ -1,6 +1,7 @@
 """Stage 2, reference: reference-model log-probs for every prepared pair, computed once and cached.
 
-Output: <cache_dir>/reference/<key>/{train,eval}/ Parquet per input file = prepared rows + ref_chosen_logps,
+Output: <cache_dir>/reference/<key>/{train,eval}/ Parquet per input file (on object stores, in the attempt each
+split's _COMPLETE names; see pipeline/artifacts.py) = prepared rows + ref_chosen_logps,
 ref_rejected_logps. key = the file's prepared key (content, tokenizer, lengths) + reference weights + precision.
 """
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -16,8 +16,9 @@ import pyarrow.compute as pc
 from dpo_ray.model import fingerprint_model
 from dpo_ray.scoring import LogpsScorer, scoring_dtype
 
-from .artifacts import DONE, atomic_dir, fingerprint, is_complete
+from .artifacts import DONE, complete_dir, completed, fingerprint, is_complete
 from .prepare import Prepared
+from .storage import Location, open_location
 
 log = logging.getLogger("dpo_ray")
 VERSION = 1
@@ -25,7 +26,7 @@ VERSION = 1
 
 @dataclass
 class Reference:
-    parts: list[Path]  # one <cache_dir>/reference/<key>/ per prepared part
+    parts: list[Location]  # one <cache_dir>/reference/<key>/ per prepared part
     key: str
     hit: bool
     drop_ids: list[str]  # cross-file duplicates, dropped on read
@@ -35,22 +36,27 @@ class Reference:
                 "hit": self.hit, "parts": [str(p) for p in self.parts]}
 
 
-def has_split(path: Path, split: str) -> bool:
-    return (path / split).is_dir() and any((path / split).glob("*.parquet"))
+def split_dir(path: Location, split: str) -> Location:
+    """<path>/<split>, or the attempt its marker names (reference splits on object stores)."""
+    return completed(path / split) or path / split
+
+
+def has_split(path: Location, split: str) -> bool:
+    return any(f.name.endswith(".parquet") for f in split_dir(path, split).children())
 
 
 def _drop_rows(table: pa.Table, row_ids: pa.Array) -> pa.Table:
     return table.filter(pc.invert(pc.is_in(table["row_id"], value_set=row_ids)))
 
 
-def read_split(parts: list[Path], split: str, drop_ids: list[str] = ()):
+def read_split(parts: list[Location], split: str, drop_ids: list[str] = ()):
     """One Ray Dataset over the split of every part, without the cross-file duplicates; None if no part has it."""
     import ray
 
-    paths = [str(p / split) for p in parts if has_split(p, split)]
+    paths = [split_dir(p, split).path for p in parts if has_split(p, split)]
     if not paths:
         return None
-    ds = ray.data.read_parquet(paths)
+    ds = ray.data.read_parquet(paths, filesystem=parts[0].fs)
     if drop_ids:
         ds = ds.map_batches(_drop_rows, batch_format="pyarrow", fn_kwargs={"row_ids": pa.array(list(drop_ids), type=pa.string())})
     return ds
@@ -77,16 +83,17 @@ def run(cfg, prepared: Prepared, reference_path: str, tokenizer_path: str, use_g
     import ray
 
     model_key = fingerprint_model(reference_path)
+    cache = open_location(cfg.cache_dir)
     parts, hits = [], []
     for part in prepared.parts:
         key = fingerprint("reference", VERSION, part.key, model_key, str(scoring_dtype(use_gpu)))
-        out = Path(cfg.cache_dir).resolve() / "reference" / key
+        out = cache / "reference" / key
         parts.append(out)
         hits.append(is_complete(out))
         if hits[-1]:
             log.info("reference: cache hit for %s (%s): the reference model is not run", part.file.name, out)
             continue
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir()
         for split in ("train", "eval"):
             if not has_split(part.path, split):
                 continue
@@ -94,8 +101,10 @@ def run(cfg, prepared: Prepared, reference_path: str, tokenizer_path: str, use_g
                 log.info("reference: reusing the finished %s split of %s from an interrupted run", split, part.file.name)
                 continue
             log.info("reference: scoring %s (%s split) with %s on %d actor(s) -> %s", part.file.name, split, reference_path, cfg.reference.num_actors, out / split)
-            with atomic_dir(out / split) as tmp:
-                score(ray.data.read_parquet(str(part.path / split)), reference_path, tokenizer_path, "ref_", cfg, use_gpu).write_parquet(str(tmp))
+            with complete_dir(out / split) as tmp:
+                src = part.path / split
+                score(ray.data.read_parquet(src.path, filesystem=src.fs), reference_path, tokenizer_path, "ref_", cfg, use_gpu
+                      ).write_parquet(tmp.path, filesystem=tmp.fs)
         (out / "key.json").write_text(json.dumps({"prepared": part.key, "file": str(part.file), "reference_model": reference_path}) + "\n")
         (out / DONE).write_text("ok\n")
     return Reference(parts, fingerprint("reference", [p.name for p in parts]), all(hits), prepared.drop_ids)

@@ -14,6 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .storage import model_root
+
 log = logging.getLogger("dpo_ray")
 
 
@@ -77,7 +79,7 @@ def run(cfg, tracker, uri: str, challenger_eval: dict, score_champion) -> dict:
         promote = True
         reason = "no champion yet"
     else:
-        champ_dir, _ = download(uri, f"models:/{name}/{champion.version}", Path(cfg.cache_dir).resolve())
+        champ_dir, _ = download(uri, f"models:/{name}/{champion.version}", model_root(cfg.cache_dir, cfg.output_dir))
         decision["champion_score"] = score_champion(champ_dir)[metric]
         promote = challenger_score >= decision["champion_score"] + cfg.registry.min_improvement
         reason = f"{metric} {challenger_score:.4f} vs champion v{champion.version} {decision['champion_score']:.4f} (min improvement {cfg.registry.min_improvement})"

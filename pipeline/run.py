@@ -20,6 +20,7 @@ from dpo_ray.tracking import check_reachable, ensure_experiment, resolve_trackin
 
 from . import evaluate, prepare, reference, register, train
 from .artifacts import atomic_dir, exclusive, resolve_data_files, write_json_atomic
+from .storage import StorageError, model_root, open_location, redact
 
 log = logging.getLogger("dpo_ray")
 STAGES = ("prepare", "reference", "train", "evaluate", "register")  # register runs only when registry.name is set
@@ -47,6 +48,22 @@ def check_output_dir(path: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise SetupError(f"output_dir {path} is not writable ({e.strerror}); set output_dir to a writable directory") from None
+
+
+def check_cache_dir(spec: str) -> None:
+    """Open cache_dir and write and delete a probe object: a wrong bucket, endpoint or credentials fail here, at once."""
+    try:
+        cache = open_location(spec)
+    except StorageError as e:
+        raise SetupError(str(e)) from None
+    probe = cache / f".write-test-{socket.gethostname()}-{os.getpid()}"
+    try:
+        probe.write_text("")
+        probe.remove()
+    except OSError as e:
+        fix = ("set cache_dir to a writable directory" if cache.is_local else
+               "check the bucket, the endpoint and the credentials (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+        raise SetupError(f"cache_dir {redact(spec)} is not writable ({str(e).splitlines()[0][:200]}); {fix}") from None
 
 
 def start_ray(address: str | None):
@@ -199,7 +216,8 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     if "train" in stages or "evaluate" in stages or cfg.model.policy.startswith("models:/"):
         check_reachable(uri)
-    cache = Path(cfg.cache_dir).resolve()
+    check_cache_dir(cfg.cache_dir)
+    cache = model_root(cfg.cache_dir, cfg.output_dir)  # models stay local: cache_dir, or output_dir when it is a URI
     policy_path = resolve(cfg.model.policy, uri, cache)
     reference_path = resolve(cfg.model.reference, uri, cache) if cfg.model.reference else policy_path
     tokenizer_path = resolve(cfg.model.tokenizer, uri, cache) if cfg.model.tokenizer else policy_path

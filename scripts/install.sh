@@ -9,5 +9,7 @@ if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 pipq() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 pipq --upgrade pip
 pipq torch==2.13.0
-pipq -c constraints.txt -e ".[test]"
+EXTRAS=test
+if [ "${1:-}" = "--bench" ]; then EXTRAS=test,bench; fi  # the benchmark's extra: trl, datasets, psutil
+pipq -c constraints.txt -e ".[$EXTRAS]"
 .venv/bin/python -c "import torch, ray, mlflow, transformers, dpo_ray; print('dpo-ray installed: torch', torch.__version__, '| ray', ray.__version__, '| mlflow', mlflow.__version__, '| transformers', transformers.__version__)"

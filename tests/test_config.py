@@ -39,8 +39,9 @@ def test_bad_values_and_overrides():
         load_config(None, ["train.lr"])
     with pytest.raises(ConfigError, match="max_prompt_length"):
         load_config(None, ["data.max_length=64", "data.max_prompt_length=65"])
-    with pytest.raises(ConfigError, match="cache_dir must be a local or shared-mount path"):
-        load_config(None, ["cache_dir=s3://bucket/cache"])
+    with pytest.raises(ConfigError, match="output_dir must be a local or shared-mount path"):
+        load_config(None, ["output_dir=s3://bucket/runs"])
+    assert load_config(None, ["cache_dir=s3://bucket/cache"]).cache_dir == "s3://bucket/cache"
     assert load_config(None, ["train.storage_path=s3://bucket/ckpt"]).train.storage_path == "s3://bucket/ckpt"
     with pytest.raises(ConfigError, match="not found"):
         load_config("no/such.yaml")

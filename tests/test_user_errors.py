@@ -33,6 +33,9 @@ def _in_repo_root(monkeypatch, tmp_path):
     (["--set", "mlflow.tracking_uri=http://127.0.0.1:9"], "MLflow server http://127.0.0.1:9 does not answer"),
     (["--address", "127.0.0.1:9"], "Ray cluster at 127.0.0.1:9 does not answer"),
     (["--set", "output_dir=/etc/hostname/out"], "output_dir /etc/hostname/out is not writable"),
+    (["--set", "cache_dir=/etc/hostname/cache"], "cache_dir /etc/hostname/cache is not writable"),
+    (["--set", "cache_dir=foo://bucket/cache"], "cache_dir foo://bucket/cache cannot be opened"),
+    (["--set", "output_dir=s3://bucket/runs"], "output_dir must be a local or shared-mount path"),
 ])
 def test_mistake_is_one_clear_line(capsys, tmp_path, cache_dir, demo_model, args, expect):
     rc, err = run_cli(capsys, "--set", f"cache_dir={cache_dir}", "--set", f"output_dir={tmp_path}/out", *args)

@@ -1,0 +1,231 @@
+"""cache_dir as a pyarrow.fs URI: file:// in process, and s3:// against a real S3-protocol server (moto_server on
+127.0.0.1, with IAM authentication on, so requests without the right credentials are refused: the Ray workers that
+write the caches must have been given them)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import free_port, small_config
+from dpo_ray.config import load_config
+from pipeline.artifacts import DONE, complete_dir, completed
+from pipeline.reference import split_dir
+from pipeline.storage import Location, model_root, open_location, redact
+
+ROOT = Path(__file__).resolve().parent.parent
+BUCKET = "dpo-cache"
+
+
+class S3Server:
+    """moto_server on a free port. The first three requests may be unsigned (they create an IAM user, its policy and
+    access key); every later one must be signed with that key."""
+
+    def __init__(self, log: Path):
+        self.port = free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        moto = str(Path(sys.executable).parent / "moto_server")
+        self.proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL,
+                                     stderr=open(log, "ab"), start_new_session=True,
+                                     env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://{self.endpoint}/moto-api/", timeout=2).close()
+                break
+            except OSError:
+                assert self.proc.poll() is None and time.time() < deadline, log.read_text()[-2000:]
+                time.sleep(0.3)
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=f"http://{self.endpoint}", region_name="us-east-1",
+                           aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+        iam.create_user(UserName="dpo-ray")
+        iam.put_user_policy(UserName="dpo-ray", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="dpo-ray")["AccessKey"]
+        self.env = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        self.fs = pafs.S3FileSystem(access_key=key["AccessKeyId"], secret_key=key["SecretAccessKey"], region="us-east-1",
+                                    endpoint_override=self.endpoint, scheme="http", allow_bucket_creation=True)
+        self.fs.create_dir(BUCKET)
+
+    def uri(self, prefix: str) -> str:
+        return f"s3://{BUCKET}/{prefix}?endpoint_override={self.endpoint}&scheme=http"
+
+    def loc(self, prefix: str) -> Location:
+        return Location(self.fs, f"{BUCKET}/{prefix}", "s3")
+
+    def at(self, shown: str) -> Location:
+        """A location from how a summary shows it (s3://bucket/path)."""
+        return Location(self.fs, shown.removeprefix("s3://"), "s3")
+
+    def listing(self, prefix: str) -> dict:
+        infos = self.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
+        return {i.path: (i.size, i.mtime) for i in infos if i.type == pafs.FileType.File}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server this fixture started (its own process group)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    yield server
+    server.stop()
+
+
+def read_split(loc: Location, split: str) -> pa.Table:
+    d = split_dir(loc, split)
+    return pq.read_table(d.path, filesystem=d.fs).sort_by("row_id")
+
+
+def test_locations_and_uris(tmp_path):
+    assert str(open_location(f"file://{tmp_path}/c")) == str(tmp_path / "c") and open_location(f"file://{tmp_path}").is_local
+    assert str(open_location("rel/c")) == str(Path("rel/c").resolve())
+    assert redact("s3://AKIA:secret@bucket/p") == "s3://***@bucket/p" and redact("s3://bucket/p?x=a@b") == "s3://bucket/p?x=a@b"
+    from dpo_ray.config import masked
+
+    assert masked({"cache_dir": "s3://AKIA:secret@bucket/p", "output_dir": "runs/a@b"}) == {"cache_dir": "s3://***@bucket/p", "output_dir": "runs/a@b"}
+    assert model_root(str(tmp_path / "c"), str(tmp_path / "out")) == tmp_path / "c"
+    assert model_root(f"file://{tmp_path}/c", str(tmp_path / "out")) == tmp_path / "c"
+    # an object-store cache keeps models local, under output_dir
+    assert model_root("s3://b/c?endpoint_override=127.0.0.1:9&scheme=http", str(tmp_path / "out")) == tmp_path / "out"
+
+
+def test_completion_marker_on_an_object_store(s3):
+    final = s3.loc("unit/part")
+    assert completed(final) is None
+    with pytest.raises(RuntimeError):
+        with complete_dir(final) as d:
+            (d / "a.txt").write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert completed(final) is None  # what the failed attempt wrote is never taken for a finished directory
+    with complete_dir(final) as d:
+        (d / "a.txt").write_text("whole")
+    data = completed(final)
+    assert data.parent.path == final.path and data.name.startswith("attempt-") and (final / DONE).read_text().strip() == data.name
+    assert (data / "a.txt").read_text() == "whole"
+    with complete_dir(final) as d2:  # a second writer of the same key: its own attempt; the marker names a whole one
+        (d2 / "a.txt").write_text("again")
+    assert completed(final).name == d2.name and (data / "a.txt").read_text() == "whole"
+
+
+def stage_args(tmp: Path, cache: str, data: Path) -> list[str]:
+    return small_config(tmp, cache, data, **{"data.eval_fraction": "0"})  # one split: each scored split costs an actor start
+
+
+@pytest.fixture(scope="module")
+def file_run(tmp_path_factory, ray_local, small_pairs, demo_model):
+    """prepare + reference in process, cache_dir a file:// URI; the model built as for any local cache."""
+    from pipeline.run import run
+
+    tmp = tmp_path_factory.mktemp("file_uri")
+    (tmp / "cache" / "models").mkdir(parents=True)
+    os.symlink(demo_model, tmp / "cache" / "models" / Path(demo_model).name)
+    cfg = load_config(str(ROOT / "configs/demo.yaml"), stage_args(tmp, f"file://{tmp}/cache", small_pairs))
+    first = run(cfg, stages=("prepare", "reference"))
+    return tmp, cfg, first, run(cfg, stages=("prepare", "reference"))
+
+
+@pytest.mark.slow
+def test_file_uri_cache(file_run):
+    tmp, _, first, again = file_run
+    ref = Path(first["reference_cache"]["path"])
+    assert ref.parent == tmp / "cache" / "reference" and (ref / DONE).read_text() == "ok\n"  # local: renamed into place
+    assert {p.name for p in ref.iterdir()} == {"train", "key.json", DONE}  # eval_fraction 0: no eval split
+    assert Path(first["data"]["files"][0]["prepared"]).parent == tmp / "cache" / "prepared"
+    assert not first["data"]["hit"] and not first["reference_cache"]["hit"]
+    assert again["data"]["hit"] and again["reference_cache"]["hit"] and again["reference_cache"]["path"] == str(ref)
+
+
+def test_cache_with_wrong_credentials_is_refused_up_front(s3, monkeypatch, tmp_path):
+    from pipeline.run import SetupError, check_cache_dir
+
+    for k, v in {**s3.env, "AWS_ACCESS_KEY_ID": "AKIAWRONG"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SetupError, match=rf"cache_dir s3://{BUCKET}/nocreds\?endpoint_override=\S+ is not writable .*credentials"):
+        check_cache_dir(s3.uri("nocreds"))
+    check_cache_dir(f"file://{tmp_path}/cache")  # a writable local one passes
+
+
+def cli(stage: str, sets: list[str], env: dict) -> tuple[int, dict | None, str]:
+    cmd = [str(Path(sys.executable).parent / "dpo-ray"), stage, "configs/demo.yaml"] + [a for s in sets for a in ("--set", s)]
+    base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI") and not k.startswith("AWS_")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env={**base, **env})
+    out = proc.stdout
+    summary = json.loads(out[out.rindex("\n{\n") + 1:] if "\n{\n" in out else out[out.index("{"):]) if proc.returncode == 0 else None
+    return proc.returncode, summary, proc.stderr
+
+
+def same_data(s3_loc: Location, local: Path, splits=("train",)) -> None:
+    """The same rows, columns and types; log-probs equal up to batching noise (two scoring runs, other batches)."""
+    for split in splits:
+        want = pq.read_table(local / split).sort_by("row_id")
+        got = read_split(s3_loc, split)
+        assert got.schema.remove_metadata() == want.schema.remove_metadata() and got.num_rows == want.num_rows > 0, split
+        for name in got.column_names:
+            if pa.types.is_floating(got.schema.field(name).type):
+                assert got[name].to_numpy() == pytest.approx(want[name].to_numpy(), abs=1e-4), name
+            else:
+                assert got[name].equals(want[name]), name
+
+
+@pytest.mark.slow
+def test_s3_cache_hit_partial_rerun_and_same_data(s3, file_run, tmp_path, small_pairs, monkeypatch):
+    from pipeline.run import run
+
+    _, _, local_run, _ = file_run
+    sets = stage_args(tmp_path, s3.uri("cache"), small_pairs)  # model.policy: demo:tiny-llama, built under output_dir
+
+    rc, first, err = cli("reference", sets, s3.env)  # Ray workers write the Parquet: they got the credentials too
+    assert rc == 0, err[-4000:]
+    assert (tmp_path / "out" / "models" / "demo-tiny-llama-v1" / "config.json").is_file()
+    assert not first["data"]["hit"] and not first["reference_cache"]["hit"]
+    ref_path = first["reference_cache"]["path"]
+    assert ref_path.startswith(f"s3://{BUCKET}/cache/reference/") and first["data"]["files"][0]["prepared"].startswith(f"s3://{BUCKET}/cache/prepared/")
+    # the same keys as the file:// run (same data, tokenizer, lengths and reference weights) and the same rows
+    assert first["data"]["key"] == local_run["data"]["key"] and first["reference_cache"]["key"] == local_run["reference_cache"]["key"]
+    ref = s3.at(ref_path)
+    prep = s3.at(first["data"]["files"][0]["prepared"])  # the attempt that the part's marker names
+    assert prep.name.startswith("attempt-") and completed(prep.parent).path == prep.path
+    assert not any(f.name.endswith(".parquet") for f in (prep / "eval").children())  # eval_fraction 0: an empty split
+    same_data(ref, Path(local_run["reference_cache"]["path"]))
+    same_data(prep, Path(local_run["data"]["files"][0]["prepared"]))
+    assert (prep / "rejects.jsonl").read_bytes() == (Path(local_run["data"]["files"][0]["prepared"]) / "rejects.jsonl").read_bytes()
+
+    # the same run again (in process: a hit runs no Ray task, only the driver reads): a cache hit, nothing written
+    before = s3.listing("cache")
+    with monkeypatch.context() as env:
+        for k, v in s3.env.items():
+            env.setenv(k, v)
+        again = run(load_config(str(ROOT / "configs/demo.yaml"), sets), stages=("prepare", "reference"))
+    assert again["data"]["hit"] and again["reference_cache"]["hit"] and again["reference_cache"]["path"] == ref_path
+    assert s3.listing("cache") == before
+
+    # partial directories, as an interrupted run leaves them (written by hand here): without a marker a directory is
+    # not complete, whatever it holds, and the rerun redoes it
+    (prep.parent / DONE).remove()
+    ref.remove()
+    pq.write_table(pa.table({"row_id": ["junk:1"], "ref_chosen_logps": [0.0]}), f"{ref.path}/train/junk.parquet", filesystem=s3.fs)
+    (ref / "key.json").write_text("{}\n")
+    assert completed(prep.parent) is None and completed(ref) is None
+    rc, redone, err = cli("reference", sets, s3.env)
+    assert rc == 0, err[-4000:]
+    assert not redone["data"]["hit"] and not redone["reference_cache"]["hit"] and redone["reference_cache"]["path"] == ref_path
+    new_prep = completed(prep.parent)
+    assert new_prep is not None and new_prep.name != prep.name and redone["data"]["files"][0]["prepared"] == str(new_prep)
+    assert completed(ref) is not None and completed(ref / "train").name.startswith("attempt-")
+    same_data(ref, Path(local_run["reference_cache"]["path"]))  # the junk file beside the attempt is never read
+    same_data(new_prep, Path(local_run["data"]["files"][0]["prepared"]))
+    assert redone["data"]["rows_read"] == first["data"]["rows_read"] == 240
