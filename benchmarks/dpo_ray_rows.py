@@ -48,15 +48,17 @@ class WorkerPeakRss(threading.Thread):
     def run(self):
         import psutil
 
-        while not self._done.wait(0.2):
-            for p in psutil.process_iter(["cmdline"]):
+        pids: list[int] = []
+        while not self._done.wait(1.0):
+            if not pids:  # look for the worker once it exists; then read only its /proc entry
+                pids = [p.pid for p in psutil.process_iter(["cmdline"]) if self.marker in " ".join(p.info["cmdline"] or ())]
+            for pid in pids:
                 try:
-                    if self.marker in " ".join(p.info["cmdline"] or ()):
-                        for line in open(f"/proc/{p.pid}/status"):
-                            if line.startswith("VmHWM:"):
-                                self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024)
-                except (OSError, psutil.Error):
-                    continue
+                    for line in open(f"/proc/{pid}/status"):
+                        if line.startswith("VmHWM:"):
+                            self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024)
+                except OSError:
+                    pids = []  # it exited (or restarted): look again
 
     def stop(self) -> float:
         self._done.set()

@@ -52,8 +52,8 @@ class PolicyLogps(nn.Module):
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         ids = batch["input_ids"]
         kwargs = {"input_ids": ids, "position_ids": batch["position_ids"], "use_cache": False}
-        if batch["pair_layout"] is not None:
-            kwargs.update(attention_mask=packing.placeholder_mask(ids.device), pair_layout=batch["pair_layout"])
+        if batch["attn_blocks"] is not None:
+            kwargs.update(attention_mask=packing.placeholder_mask(ids.device), attn_blocks=batch["attn_blocks"])
         else:
             kwargs["attention_mask"] = batch["attention_mask"]
         if self.reply_only_head:

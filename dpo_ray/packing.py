@@ -10,7 +10,7 @@ Either layout comes out as one dict the model wrapper (forward.PolicyLogps) take
   input_ids (R, T), attention_mask (R, T) or None, position_ids (R, T) or None,
   score_pos (N,) flat index into R*T of the positions whose logits are scored,
   score_target (N,) the token each of them predicts, score_seq (N,) its sequence (chosen 0..B-1, rejected B..2B-1),
-  pair_layout (packed only): per pair (offset, chosen_len, shared_len, rejected_tail_len).
+  attn_blocks (packed only): (start, length, (L, L) bool mask) per block of consecutive pairs.
 Plus plain numbers for throughput accounting: tokens (real sequence tokens, chosen + rejected, the same
 for both layouts) and positions (token positions the model runs, padding included).
 Pure torch: no Ray, no MLflow.
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION = "dpo_ray_packed"  # the transformers attention implementation name registered below
-TENSORS = ("input_ids", "attention_mask", "position_ids", "score_pos", "score_target", "score_seq")
+BLOCK_TOKENS = 192  # packed positions per attention call (a longer pair gets a call of its own)
 
 
 def shared_prefix(chosen: np.ndarray, rejected: np.ndarray) -> int:
@@ -75,7 +75,7 @@ def pad_pairs(batch: dict, pad_id: int) -> dict:
         seq.append(np.full(len(p), i))
     tokens = int(attn.sum())
     return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn), "position_ids": None,
-            **_scores(pos, tgt, seq), "pair_layout": None, "n_seqs": len(seqs), "tokens": tokens, "positions": ids.size,
+            **_scores(pos, tgt, seq), "attn_blocks": None, "n_seqs": len(seqs), "tokens": tokens, "positions": ids.size,
             **_refs(batch)}
 
 
@@ -100,7 +100,38 @@ def pack_pairs(batch: dict) -> dict:
         tokens += len(c) + len(r)
     return {"input_ids": torch.from_numpy(np.concatenate(ids))[None], "attention_mask": None,
             "position_ids": torch.from_numpy(np.concatenate(positions))[None], **_scores(pos, tgt, seq),
-            "pair_layout": layout, "n_seqs": 2 * B, "tokens": tokens, "positions": off, **_refs(batch)}
+            "attn_blocks": attention_blocks(layout), "n_seqs": 2 * B, "tokens": tokens, "positions": off, **_refs(batch)}
+
+
+def attention_blocks(layout: list[tuple[int, int, int, int]], budget: int | None = None) -> list[tuple[int, int, torch.Tensor]]:
+    """Consecutive pairs grouped into blocks of at most `budget` positions (a longer pair is a block alone), each
+    with its (L, L) boolean mask: True where a query may attend. One attention call per block and layer: short
+    pairs share a call (few kernel launches), long ones do not pay for masked-out positions of others."""
+    budget = budget or BLOCK_TOKENS
+    groups, cur, length = [], [], 0
+    for pair in layout:
+        n = pair[1] + pair[3]
+        if cur and length + n > budget:
+            groups.append(cur)
+            cur, length = [], 0
+        cur.append(pair)
+        length += n
+    if cur:
+        groups.append(cur)
+    blocks = []
+    for g in groups:
+        start = g[0][0]
+        L = g[-1][0] + g[-1][1] + g[-1][3] - start
+        mask = np.zeros((L, L), dtype=bool)
+        for off, lc, s, tail in g:
+            o = off - start
+            mask[o : o + lc, o : o + lc] = np.tri(lc, dtype=bool)  # chosen: causal over itself
+            if tail:
+                t0 = o + lc
+                mask[t0 : t0 + tail, o : o + s] = True  # rejected tail: the whole shared prefix ...
+                mask[t0 : t0 + tail, t0 : t0 + tail] = np.tri(tail, dtype=bool)  # ... and itself, causally
+        blocks.append((start, L, torch.from_numpy(mask)))
+    return blocks
 
 
 def _scores(pos, tgt, seq) -> dict:
@@ -109,31 +140,25 @@ def _scores(pos, tgt, seq) -> dict:
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if batch.get("attn_blocks"):
+        out["attn_blocks"] = [(a, n, m.to(device, non_blocking=True)) for a, n, m in batch["attn_blocks"]]
+    return out
 
 
-def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, pair_layout=None, **kwargs):
-    """transformers attention function for packed pairs; without pair_layout it is plain SDPA attention.
+def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, attn_blocks=None, **kwargs):
+    """transformers attention function for packed pairs; without attn_blocks it is plain SDPA attention.
 
-    query (1, H, N, D), key/value (1, Hkv, N, D) -> (1, N, H, D). Per pair: the chosen sequence is
-    causal over itself; the rejected tail attends to the shared prefix (all of it) and causally to itself.
+    query (1, H, N, D), key/value (1, Hkv, N, D) -> (1, N, H, D): one SDPA call per block of pairs, with the
+    block's mask (each chosen sequence causal over itself; each rejected tail over the shared prefix and itself).
     """
-    if pair_layout is None:
+    if attn_blocks is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     gqa = query.shape[1] != key.shape[1]
-    outs = []
-    for off, lc, s, tail in pair_layout:
-        q, k, v = (x[:, :, off : off + lc] for x in (query, key, value))
-        outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa))
-        if tail:
-            end = off + lc + tail
-            q = query[:, :, off + lc : end]
-            k = torch.cat([key[:, :, off : off + s], key[:, :, off + lc : end]], dim=2)
-            v = torch.cat([value[:, :, off : off + s], value[:, :, off + lc : end]], dim=2)
-            mask = torch.ones(tail, s + tail, dtype=torch.bool, device=q.device).tril(diagonal=s)  # lower-right causal
-            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa))
+    outs = [F.scaled_dot_product_attention(query[:, :, a : a + n], key[:, :, a : a + n], value[:, :, a : a + n], attn_mask=mask,
+                                           scale=scaling, enable_gqa=gqa) for a, n, mask in attn_blocks]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -28,6 +28,7 @@ log = logging.getLogger("dpo_ray")
 VERSION = 2  # bump when the row format or masking changes: part of the key
 ROW_COLUMNS = ["row_id", "chosen_input_ids", "rejected_input_ids", "chosen_loss_mask", "rejected_loss_mask"]
 RAW_CHARS = 500
+LINES_PER_BLOCK = 500
 
 
 @dataclass
@@ -164,7 +165,8 @@ def _prepare_file(cfg, file: Path, is_eval: bool, has_eval_files: bool, tokenize
     import ray
 
     log.info("prepare: tokenizing %s with Ray Data -> %s", file, out)
-    lines = ray.data.read_binary_files([str(file)], include_paths=True).flat_map(split_lines)
+    # one file is one block: split it so that the tokenizing tasks run on every CPU
+    lines = ray.data.read_binary_files([str(file)], include_paths=True).flat_map(split_lines).repartition(target_num_rows_per_block=LINES_PER_BLOCK)
     processed = lines.map_batches(
         tokenize_batch, batch_format="numpy", batch_size=256,
         fn_kwargs=dict(tokenizer=tokenizer_path, trust_remote_code=cfg.model.trust_remote_code, max_length=cfg.data.max_length,

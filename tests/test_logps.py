@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from dpo_ray import packing
 from dpo_ray.forward import PolicyLogps
 from dpo_ray.logps import sequence_logps
 
@@ -89,9 +90,12 @@ def _alone_float64(model, rows):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("packed", ["packed", "packed-small-blocks", "padded"])
 @pytest.mark.parametrize("reply_only_head", [True, False], ids=["reply-head", "full-head"])
-def test_every_fast_path_equals_plain_float64(arch, packed, reply_only_head):
+def test_every_fast_path_equals_plain_float64(arch, packed, reply_only_head, monkeypatch):
+    if packed == "packed-small-blocks":  # attention blocks of a few pairs and of one long pair alone
+        monkeypatch.setattr(packing, "BLOCK_TOKENS", 24)
+    packed = packed != "padded"
     model = _tiny_model(arch)
     rows = _ragged_batch()
     policy = PolicyLogps(model, reply_only_head=reply_only_head, packed=packed)
@@ -105,6 +109,8 @@ def test_every_fast_path_equals_plain_float64(arch, packed, reply_only_head):
     seqs = rows["chosen_input_ids"] + rows["rejected_input_ids"]
     assert batch["tokens"] == sum(len(s) for s in seqs)
     if packed:  # no padding, and the shared prefixes are computed once
+        sizes = [n for _, n, _ in batch["attn_blocks"]]
+        assert sizes == [batch["positions"]] if packing.BLOCK_TOKENS > 100 else (len(sizes) >= 4 and max(sizes) > packing.BLOCK_TOKENS)
         assert batch["input_ids"].shape[0] == 1 and batch["positions"] == batch["input_ids"].shape[1] < batch["tokens"]
     else:
         assert batch["positions"] == batch["input_ids"].numel() > batch["tokens"]
