@@ -7,8 +7,8 @@ measures the last `steps`. What TRL 1.16 does, read from its installed source, a
 
 * Config. `DPOConfig` extends TRL's `_BaseConfig`, whose defaults differ from `TrainingArguments`:
   `gradient_checkpointing=True` and `bf16=True` unless `fp16` is set, so both are switched off here
-  explicitly. The optimizer defaults to `adamw_torch_fused` under torch >= 2.8; this row asks for
-  `adamw_torch` (plain `torch.optim.AdamW`, betas 0.9/0.999, eps 1e-8, as the project's own loop uses),
+  explicitly. The optimizer is its default under torch >= 2.8, `adamw_torch_fused` (`torch.optim.AdamW(fused=True)`,
+  betas 0.9/0.999, eps 1e-8: the kernel the project's own loop and the seed loop row use), asked for by name,
   weight_decay 0, `lr_scheduler_type="constant"` (no warmup, no decay), grad accumulation 1,
   max_grad_norm 1.0 (TRL's default and the project's), `loss_type=["sigmoid"]`, the given `beta`.
 * Truncation. `DPOConfig` has `max_length` (prompt + reply, default 1024) and `truncation_mode`
@@ -207,7 +207,7 @@ def run(spec: dict) -> dict:
             use_cpu=bool(spec.get("use_cpu", True)),
             model_init_kwargs={"dtype": torch.float32},
             # optimisation
-            optim="adamw_torch",
+            optim="adamw_torch_fused",
             learning_rate=float(spec["lr"]),
             weight_decay=0.0,
             adam_beta1=0.9,

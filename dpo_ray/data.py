@@ -114,34 +114,26 @@ def render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def tokenize_reply(tokenizer, messages: list[dict]) -> tuple[list[int], list[int], bool]:
-    """Token ids of (prompt, reply + EOS) for one conversation, using the template's own rendering.
-
-    The prompt is everything up to where the reply text starts in the rendered conversation (so a
-    template's own assistant header, e.g. MiniMind's empty <think> block, stays prompt). Returns
-    (prompt_ids, reply_ids, prompt_is_prefix): the last flag is False when the rendered prompt with
-    generation prompt is not a token prefix of the rendered conversation (a template quirk worth a warning).
-    """
-    full = render(tokenizer, messages, False)
-    prompt_text = render(tokenizer, messages[:-1], True)
-    reply = messages[-1]["content"]
+def _reply_span(full: str, prompt_text: str, reply: str) -> tuple[int, int]:
+    """Character span of the reply text in the rendered conversation: the first occurrence after the rendered prompt."""
     start = full.find(reply, len(prompt_text) if full.startswith(prompt_text) else 0)
     if start < 0:
-        start = full.rfind(reply.strip())
         reply = reply.strip()
+        start = full.rfind(reply)
     if start < 0:
         raise Reject("template_error", "the chat template does not render the reply text verbatim")
-    end = start + len(reply)
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    return start, start + len(reply)
+
+
+def _split_at_reply(ids: list[int], offsets: list[tuple[int, int]], span: tuple[int, int], eos_id: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, reply ids + EOS): the prompt is every token before the first one touching the reply text.
+
+    The template's end-of-turn token when it is EOS (ChatML's <|im_end|>); where a template closes the turn
+    otherwise we still score EOS, so the model learns to stop. Tokens after the reply are dropped."""
+    start, end = span
     first = next(i for i, (s, e) in enumerate(offsets) if e > start)  # first token touching the reply
     last = max(i for i, (s, e) in enumerate(offsets) if s < end)  # last token touching the reply
-    prompt_ids, reply_ids = ids[:first], ids[first : last + 1]
-    # The template's end-of-turn token when it is EOS (ChatML's <|im_end|>); where a template closes the
-    # turn otherwise we still score EOS, so the model learns to stop. Tokens after it are dropped.
-    reply_ids.append(tokenizer.eos_token_id)
-    prefix_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    return prompt_ids, reply_ids, ids[: len(prefix_ids)] == prefix_ids
+    return ids[:first], ids[first : last + 1] + [eos_id]
 
 
 def truncate(prompt_ids: list[int], reply_ids: list[int], max_length: int, prompt_budget: int) -> tuple[list[int], list[int], bool]:
@@ -155,19 +147,55 @@ def truncate(prompt_ids: list[int], reply_ids: list[int], max_length: int, promp
     return prompt_ids, reply_ids, cut
 
 
-def tokenize_pair(tokenizer, chosen: list[dict], rejected: list[dict], max_length: int, prompt_budget: int) -> dict:
-    """One validated pair -> the prepared row (ids int lists, masks 0/1 lists, flags)."""
-    out: dict = {"truncated": False, "prompt_not_prefix": False}
-    prompts = []
-    for name, conv in (("chosen", chosen), ("rejected", rejected)):
-        p, r, is_prefix = tokenize_reply(tokenizer, conv)
-        p, r, cut = truncate(p, r, max_length, prompt_budget)
-        if not r:
-            raise Reject("no_reply_after_truncation", f"no {name} reply token fits in data.max_length={max_length}")
-        out[f"{name}_input_ids"] = p + r
-        out[f"{name}_loss_mask"] = [0] * len(p) + [1] * len(r)
-        out["truncated"] |= cut
-        out["prompt_not_prefix"] |= not is_prefix
-        prompts.append(len(p))
-    out["prompt_tokens"] = prompts[0]
+def tokenize_pairs(tokenizer, pairs: list[tuple[list[dict], list[dict]]], max_length: int, prompt_budget: int) -> list[dict | Reject]:
+    """Validated pairs -> one prepared row (ids int lists, masks 0/1 lists, flags) or one Reject per pair.
+
+    Uses the template's own rendering: the prompt is everything up to where the reply text starts in the
+    rendered conversation (so a template's own assistant header, e.g. MiniMind's empty <think> block, stays
+    prompt), the mask covers the reply and EOS. Chosen and rejected share their prompt turns (validate_pair),
+    so the prompt is rendered once per pair, and the whole batch is one call of the (Rust) tokenizer.
+    `prompt_not_prefix` flags a pair whose rendered prompt (with generation prompt) is not a token prefix of
+    the rendered conversation: a template quirk worth a warning.
+    """
+    texts, plans = [], []
+    for chosen, rejected in pairs:
+        try:
+            prompt_text = render(tokenizer, chosen[:-1], True)
+            fulls = [render(tokenizer, conv, False) for conv in (chosen, rejected)]
+            spans = [_reply_span(full, prompt_text, conv[-1]["content"]) for full, conv in zip(fulls, (chosen, rejected))]
+        except Reject as r:
+            plans.append(r)
+            continue
+        plans.append((len(texts), spans))
+        texts += [prompt_text, *fulls]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {}
+    out: list[dict | Reject] = []
+    for plan in plans:
+        if isinstance(plan, Reject):
+            out.append(plan)
+            continue
+        i, spans = plan
+        prefix_ids = enc["input_ids"][i]
+        row: dict = {"truncated": False, "prompt_not_prefix": False}
+        for j, name in ((1, "chosen"), (2, "rejected")):
+            ids = enc["input_ids"][i + j]
+            p, r = _split_at_reply(ids, enc["offset_mapping"][i + j], spans[j - 1], tokenizer.eos_token_id)
+            row["prompt_not_prefix"] |= ids[: len(prefix_ids)] != prefix_ids
+            p, r, cut = truncate(p, r, max_length, prompt_budget)
+            if not r:
+                row = Reject("no_reply_after_truncation", f"no {name} reply token fits in data.max_length={max_length}")
+                break
+            row[f"{name}_input_ids"] = p + r
+            row[f"{name}_loss_mask"] = [0] * len(p) + [1] * len(r)
+            row["truncated"] |= cut
+            row.setdefault("prompt_tokens", len(p))
+        out.append(row)
     return out
+
+
+def tokenize_pair(tokenizer, chosen: list[dict], rejected: list[dict], max_length: int, prompt_budget: int) -> dict:
+    """One validated pair -> the prepared row (see tokenize_pairs). Raises Reject."""
+    row = tokenize_pairs(tokenizer, [(chosen, rejected)], max_length, prompt_budget)[0]
+    if isinstance(row, Reject):
+        raise row
+    return row

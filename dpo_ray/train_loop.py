@@ -102,7 +102,9 @@ def train_loop_per_worker(config: dict) -> None:
     model = load_model(config["policy_path"], cfg.model.trust_remote_code, token=cfg.model.hf_token)
     wrapper = PolicyLogps(model)  # packed pairs (prompt once per pair, no padding) when the model's attention allows it
     policy = ray.train.torch.prepare_model(wrapper)  # DDP on >1 worker; moves to device
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), foreach=True)
+    # the fused kernel: one call updates every parameter (on a small model about twice as fast a step as foreach)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
+                                  **({"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}))
     bf16 = use_bf16(t.bf16, device)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     start_step, loss_first = 0, None

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet  # noqa: F401  (pa.parquet)
 
-from dpo_ray.data import Reject, decode_line, pair_hash, to_conversations, tokenize_pair, validate_pair
+from dpo_ray.data import Reject, decode_line, pair_hash, to_conversations, tokenize_pairs, validate_pair
 from dpo_ray.model import fingerprint_tokenizer, load_tokenizer
 
 from .artifacts import DataError, complete_dir, completed, fingerprint, hash_file, resolve_data_files
@@ -83,23 +83,33 @@ def tokenize_batch(batch: dict, *, tokenizer: str, trust_remote_code: bool, max_
     tok = _tokenizer(tokenizer, trust_remote_code)
     cols: dict[str, list] = {k: [] for k in ["row_id", "source", "line_no", "status", "detail", "raw", "pair_hash", "split",
                                             "truncated", "prompt_not_prefix", "prompt_tokens", *ROW_COLUMNS[1:]]}
+    recs, pairs, waiting = [], [], []  # waiting: the recs whose pair is in `pairs`, tokenized below in one call
     for path, line_no, raw in zip(batch["path"], batch["line_no"], batch["raw"]):
         path, line_no, raw = str(path), int(line_no), bytes(raw)
-        rec = {"status": "ok", "detail": "", "raw": "", "pair_hash": "", "split": "", "truncated": False,
-               "prompt_not_prefix": False, "prompt_tokens": 0}
+        rec = {"row_id": f"{Path(path).name}:{line_no}", "source": path, "line_no": line_no, "status": "ok", "detail": "",
+               "raw": raw, "pair_hash": "", "split": "", "truncated": False, "prompt_not_prefix": False, "prompt_tokens": 0}
         try:
             if not raw.strip():
                 raise Reject("blank", "blank line")
             chosen, rejected = to_conversations(decode_line(raw))
             validate_pair(chosen, rejected)
-            rec.update(tokenize_pair(tok, chosen, rejected, max_length, prompt_budget))
             rec["pair_hash"] = pair_hash(chosen, rejected)
             rec["split"] = fixed_split or _split_of(rec["pair_hash"], eval_fraction)
+            pairs.append((chosen, rejected))
+            waiting.append(rec)
         except Reject as r:
-            rec.update(status=r.reason, detail=r.detail, raw=raw[: RAW_CHARS * 4].decode("utf-8", "replace")[:RAW_CHARS])
+            rec.update(status=r.reason, detail=r.detail)
+        recs.append(rec)
+    for rec, row in zip(waiting, tokenize_pairs(tok, pairs, max_length, prompt_budget)):
+        if isinstance(row, Reject):
+            rec.update(status=row.reason, detail=row.detail, pair_hash="", split="")
+        else:
+            rec.update(row)
+    for rec in recs:
+        raw = rec["raw"]
+        rec["raw"] = "" if rec["status"] == "ok" else raw[: RAW_CHARS * 4].decode("utf-8", "replace")[:RAW_CHARS]
         for k in ROW_COLUMNS[1:]:
             rec.setdefault(k, [])
-        rec.update(row_id=f"{Path(path).name}:{line_no}", source=path, line_no=line_no)
         for k in cols:
             cols[k].append(rec[k])
     types = {"chosen_input_ids": pa.list_(pa.int32()), "rejected_input_ids": pa.list_(pa.int32()),

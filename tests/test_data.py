@@ -4,7 +4,7 @@ import json
 import pytest
 
 from conftest import SHARED
-from dpo_ray.data import Reject, decode_line, to_conversations, tokenize_pair, truncate, validate_pair
+from dpo_ray.data import Reject, decode_line, to_conversations, tokenize_pair, tokenize_pairs, truncate, validate_pair
 
 MULTI_TURN = {
     "chosen": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
@@ -78,6 +78,25 @@ def test_truncated_pair_keeps_masks_aligned(demo_tokenizer):
                         [long, {"role": "assistant", "content": "no"}], max_length=64, prompt_budget=32)
     assert row["truncated"] and len(row["chosen_input_ids"]) == 64 and row["prompt_tokens"] == 32
     assert sum(row["chosen_loss_mask"]) == 32 and row["rejected_input_ids"][-1] == demo_tokenizer.eos_token_id
+
+
+def test_batched_tokenizing_equals_one_pair_at_a_time(demo_tokenizer):
+    """prepare tokenizes a whole batch in one call: each row must be what the pair alone gives, a reject in its place."""
+    tok = demo_tokenizer
+    hi = [{"role": "user", "content": "Hi"}]
+    long = [{"role": "user", "content": "tell me about owls " * 40}]
+    pairs = [(hi + [{"role": "assistant", "content": "Hello!"}], hi + [{"role": "assistant", "content": "Go away."}]),
+             (long + [{"role": "assistant", "content": "Owls hunt at night."}], long + [{"role": "assistant", "content": "No."}]),
+             (MULTI_TURN["chosen"], MULTI_TURN["rejected"])]
+    max_length = max(len(tokenize_pair(tok, *p, 4096, 2048)[k]) for p in pairs[::2] for k in ("chosen_input_ids", "rejected_input_ids"))
+    batch = tokenize_pairs(tok, pairs, max_length, prompt_budget=max_length)  # the long prompt fills everything
+    assert isinstance(batch[1], Reject) and batch[1].reason == "no_reply_after_truncation"
+    for pair, row in zip(pairs[::2], batch[::2]):
+        assert row == tokenize_pair(tok, *pair, max_length, max_length) and not row["truncated"]
+        for name, conv in zip(("chosen", "rejected"), pair):
+            ids, mask = row[f"{name}_input_ids"], row[f"{name}_loss_mask"]
+            assert masked_text(tok, ids, mask) == conv[-1]["content"] + tok.eos_token
+            assert tok.decode(ids[: row["prompt_tokens"]]) == tok.apply_chat_template(conv[:-1], tokenize=False, add_generation_prompt=True)
 
 
 @pytest.mark.parametrize("raw,reason", [
