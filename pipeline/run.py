@@ -78,10 +78,15 @@ def start_ray(address: str | None):
         try:
             ray.init(address=address)
         except (ConnectionError, RuntimeError, TimeoutError) as e:
+            auth = ("" if os.environ.get("RAY_AUTH_MODE") == "token" else
+                    "; a cluster with token auth (Ray's default) also needs RAY_AUTH_MODE=token and its ~/.ray/auth_token")
             raise SetupError(f"Ray cluster at {address} does not answer ({str(e).splitlines()[0][:160]}); "
-                                  f"check `ray status --address {address}` or unset RAY_ADDRESS to run locally") from None
+                             f"check `ray status --address {address}` or unset RAY_ADDRESS to run locally{auth}") from None
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+        # "local": a private runtime for this run, even where `ray start` runs a cluster on this machine
+        # (plain ray.init() would attach to that one, with its CPUs and its auth token).
+        log.info("starting a local Ray runtime (to use a running cluster: --address or RAY_ADDRESS)")
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
     return True
 
 

@@ -205,6 +205,32 @@ def test_pipeline_job_on_two_node_cluster(cluster, tmp_path, cache_dir, small_pa
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 6
 
 
+def test_cli_beside_a_cluster_runs_locally_and_a_driver_without_token_mode_is_told(cluster, tmp_path, cache_dir, small_pairs):
+    """No address: the CLI starts a runtime of its own, where a plain ray.init() would attach to this cluster (and
+    fail on dpo-ray's num_cpus). The cluster's address without RAY_AUTH_MODE=token: one line naming what is missing."""
+    # As after a plain `ray start --head`: the cluster's address in <default temp dir>/ray/ray_current_cluster,
+    # which ray.init() without an address reads (RAY_TMPDIR moves that default; a short path for Ray's sockets).
+    tmp_root = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    (Path(tmp_root) / "ray").mkdir()
+    shutil.copy(Path(cluster.temp_dir) / "ray_current_cluster", Path(tmp_root) / "ray" / "ray_current_cluster")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")} | {"RAY_TMPDIR": tmp_root}
+    sets = small_config(tmp_path.resolve(), Path(cache_dir).resolve(), Path(small_pairs).resolve())
+    cmd = [str(Path(sys.executable).parent / "dpo-ray"), "prepare", "configs/demo.yaml"] + [a for s in sets for a in ("--set", s)]
+    try:
+        local = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert "starting a local Ray runtime" in local.stderr and "Connecting to existing Ray cluster" not in local.stderr
+    assert json.loads(local.stdout)["data"]["train_rows"] > 0
+    assert cluster.alive_nodes() == 2
+
+    refused = subprocess.run(cmd + ["--address", cluster.gcs_address], capture_output=True, text=True, env=env,
+                             cwd=ROOT, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr and "RAY_AUTH_MODE=token" in refused.stderr.splitlines()[-1], refused.stderr[-3000:]
+
+
 def test_cluster_stops_without_leftovers(cluster):
     assert cluster.ours(), "nothing of the cluster was found running before the stop"
     left = cluster.stop()
