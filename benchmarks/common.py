@@ -23,12 +23,68 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def model_dir(work: Path) -> Path:
-    """The demo's tiny Llama (hidden 128, 4 layers, vocab 2048) and its BPE tokenizer, built offline once."""
-    out = work / "tiny-llama"
+def peak_gpu_mb() -> float | None:
+    """Peak allocated CUDA memory of this process (None without CUDA)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
+MODELS = ("tiny", "qwen-0.5b")
+
+
+def model_dir(work: Path, name: str = "tiny") -> Path:
+    """A model and tokenizer, built offline once under `work`:
+    tiny:      the demo's tiny Llama (hidden 128, 4 layers, vocab 2048) and its BPE tokenizer;
+    qwen-0.5b: Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4864, vocab 151936, tied
+               embeddings; 494M parameters) with random weights, and the demo tokenizer (its ids are a subset)."""
+    tiny = work / "tiny-llama"
+    if not (tiny / "config.json").exists():
+        build_demo_model(tiny)
+    if name == "tiny":
+        return tiny
+    if name != "qwen-0.5b":
+        raise SystemExit(f"unknown model {name!r}; choose one of {MODELS}")
+    out = work / "qwen2-0.5b-random"
     if not (out / "config.json").exists():
-        build_demo_model(out)
+        import torch
+        from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(tiny)
+        config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                             num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=131072,
+                             rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+        torch.manual_seed(0)
+        Qwen2ForCausalLM(config).save_pretrained(out)
+        tok.save_pretrained(out)
     return out
+
+
+def flops_model(path: Path) -> dict:
+    """What the FLOP count needs: N = the parameters every token multiplies through (all but the input embedding;
+    the LM head counted once, tied or not), layers and hidden size (for the attention term)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    emb = model.get_input_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())  # tied weights are listed once
+    head = config.vocab_size * config.hidden_size
+    tied = model.get_output_embeddings().weight is emb
+    return {"params": total, "N": total - emb.numel() + (head if tied else 0),
+            "layers": config.num_hidden_layers, "hidden": config.hidden_size}
+
+
+def train_flops_per_token(m: dict, seq_len: float) -> float:
+    """6N per token for forward + backward, plus attention (PaLM's count: 12 * layers * hidden * sequence length)."""
+    return 6 * m["N"] + 12 * m["layers"] * m["hidden"] * seq_len
+
+
+def forward_flops_per_token(m: dict, seq_len: float) -> float:
+    return 2 * m["N"] + 4 * m["layers"] * m["hidden"] * seq_len
 
 
 def _words() -> list[str]:

@@ -3,7 +3,8 @@
   train: `pipeline.run.run` with the stages prepare, reference, train on a local Ray runtime. The reference
          stage (Ray Data actor pool) is timed around its own call; the training steps are timed inside the Ray
          Train worker (the train/step_seconds and train/tokens_per_second metrics it logs to MLflow), and the
-         worker's peak RSS is read from /proc (VmHWM) while it runs.
+         worker's peak RSS is read from /proc (VmHWM) while it runs; on CUDA its peak GPU memory is the worker's
+         train/gpu_peak_memory_mb metric.
   prep:  the prepare stage alone (Ray Data read, validate, tokenize, write Parquet) with `cpus` CPUs, and a plain
          Python loop over the same lines with the same row functions, for comparison.
 
@@ -31,7 +32,8 @@ def _config(spec: dict, work: Path, **extra):
         "reference.batch_size": str(spec.get("reference_batch_size", 64)), "train.batch_size_per_worker": str(spec["batch_size"]),
         "train.max_steps": str(spec["warmup_steps"] + spec["steps"]), "train.lr": str(spec["lr"]), "train.beta": str(spec["beta"]),
         "train.weight_decay": "0.0", "train.warmup_ratio": "0.0", "train.torch_threads": str(spec["threads"]),
-        "train.checkpoint_every": "1000000", "train.log_every": "10", "train.grad_accum_steps": "1", "train.bf16": "false",
+        "train.checkpoint_every": "1000000", "train.log_every": "10", "train.grad_accum_steps": "1",
+        "train.bf16": str(bool(spec.get("bf16"))).lower(), "train.use_gpu": str(spec.get("device", "cpu") == "cuda").lower(),
         "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
     }
     sets.update(extra)
@@ -84,7 +86,7 @@ def train(spec: dict) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="dpo-ray-bench-"))
     cfg = _config(spec, work)
-    ray.init(num_cpus=spec["threads"], include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=spec["threads"], num_gpus=1 if spec.get("device") == "cuda" else 0, include_dashboard=False, log_to_driver=False)
     times: dict = {}
     pr.reference.run = _timed(reference.run, times, "reference")  # time the stage's own call, nothing else
     rss = WorkerPeakRss()
@@ -93,7 +95,7 @@ def train(spec: dict) -> dict:
     peak = rss.stop()
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     hist = {k: {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], f"train/{k}")}
-            for k in ("step_seconds", "tokens_per_second", "loss")}
+            for k in ("step_seconds", "tokens_per_second", "loss", "gpu_peak_memory_mb")}
     measured = [s for s in sorted(hist["step_seconds"]) if s > spec["warmup_steps"]]
     seconds = sum(hist["step_seconds"][s] for s in measured)
     tokens = sum(hist["step_seconds"][s] * hist["tokens_per_second"][s] for s in measured)
@@ -101,6 +103,7 @@ def train(spec: dict) -> dict:
     rows, ref_tokens = _prepared_counts(work / "cache")
     ray.shutdown()
     return {"name": "dpo-ray (Ray Train worker, packed pairs)", "steps": len(measured), "pairs": len(measured) * spec["batch_size"],
+            "peak_gpu_mb": max(hist["gpu_peak_memory_mb"].values(), default=None),
             "tokens": round(tokens), "positions": None, "padding_fraction": 0.0, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "pairs_per_s": len(measured) * spec["batch_size"] / seconds, "peak_rss_mb": peak, "loss_first": hist["loss"].get(1),
             "ref_seconds": times["reference"], "ref_rows": rows, "ref_tokens": ref_tokens,

@@ -3,7 +3,8 @@
 Every sample padded to max_length; chosen and rejected concatenated in one batch; the reference model
 run on every step; full-vocabulary log_softmax + gather over every position; the loss
 -logsigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r))) on mask-averaged log-probs, as MiniMind does.
-Same model, tokenized rows (dpo-ray's own tokenization), batch, optimizer and threads as the other rows.
+Same model, tokenized rows (dpo-ray's own tokenization), batch, optimizer, threads and precision (fp32 on CPU,
+bf16 autocast over fp32 weights on CUDA) as the other rows.
 
 python benchmarks/seed_loop.py '<spec json>'  -> one JSON line
 """
@@ -13,13 +14,14 @@ import copy
 import json
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import peak_rss_mb, set_threads, tokenized_pairs  # noqa: E402
+from benchmarks.common import peak_gpu_mb, peak_rss_mb, set_threads, tokenized_pairs  # noqa: E402
 from dpo_ray.model import load_model  # noqa: E402
 
 
@@ -55,7 +57,10 @@ def run(spec: dict) -> dict:
     set_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     rows = tokenized_pairs(Path(spec["data"]), Path(spec["tokenizer_dir"]), spec["max_length"], spec["max_prompt_length"])
-    model = load_model(spec["model_dir"])
+    device = torch.device(spec.get("device", "cpu"))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if spec.get("bf16") else nullcontext()  # fp32 master weights
+    model = load_model(spec["model_dir"]).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     pad_id = model.config.pad_token_id or 0
     opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0, fused=True)  # the same AdamW kernel in every row
@@ -66,11 +71,14 @@ def run(spec: dict) -> dict:
     t0 = None
     for step, (x, y, mask, real) in enumerate(batches(rows, spec["batch_size"], spec["max_length"], pad_id)):
         if step == warmup:
+            sync()
             t0 = time.perf_counter()
-        with torch.no_grad():
-            ref_probs = logits_to_probs(ref_model(x).logits, y) * mask
-        probs = logits_to_probs(model(x).logits, y) * mask
-        loss = dpo_loss(ref_probs, probs, mask, spec["beta"])
+        x, y, mask = x.to(device), y.to(device), mask.to(device)
+        with autocast:
+            with torch.no_grad():
+                ref_probs = logits_to_probs(ref_model(x).logits, y) * mask
+            probs = logits_to_probs(model(x).logits, y) * mask
+            loss = dpo_loss(ref_probs, probs, mask, spec["beta"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # MiniMind's grad_clip
         opt.step()
@@ -81,13 +89,14 @@ def run(spec: dict) -> dict:
             positions += x.numel() + x.shape[0]  # the model runs max_length - 1 positions; count the full padded row
         if step + 1 == warmup + steps:
             break
+    sync()
     seconds = time.perf_counter() - t0
     if step + 1 < warmup + steps:
         raise SystemExit(f"seed loop: the data has {step + 1} batches, fewer than warmup_steps + steps = {warmup + steps}")
     return {"name": "seed loop (MiniMind train_dpo.py)", "steps": steps, "pairs": steps * spec["batch_size"], "tokens": tokens,
             "positions": positions, "padding_fraction": 1 - tokens / positions, "seconds": seconds,
             "tokens_per_s": tokens / seconds, "pairs_per_s": steps * spec["batch_size"] / seconds, "peak_rss_mb": peak_rss_mb(),
-            "loss_first": loss_first}
+            "peak_gpu_mb": peak_gpu_mb(), "loss_first": loss_first}
 
 
 if __name__ == "__main__":

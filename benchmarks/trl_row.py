@@ -6,8 +6,8 @@
 measures the last `steps`. What TRL 1.16 does, read from its installed source, and how this row uses it:
 
 * Config. `DPOConfig` extends TRL's `_BaseConfig`, whose defaults differ from `TrainingArguments`:
-  `gradient_checkpointing=True` and `bf16=True` unless `fp16` is set, so both are switched off here
-  explicitly. The optimizer is its default under torch >= 2.8, `adamw_torch_fused` (`torch.optim.AdamW(fused=True)`,
+  `gradient_checkpointing=True` and `bf16=True` unless `fp16` is set: gradient checkpointing is switched
+  off here, and bf16 follows the spec (off on CPU; on CUDA autocast over fp32 weights, as in the other rows). The optimizer is its default under torch >= 2.8, `adamw_torch_fused` (`torch.optim.AdamW(fused=True)`,
   betas 0.9/0.999, eps 1e-8: the kernel the project's own loop and the seed loop row use), asked for by name,
   weight_decay 0, `lr_scheduler_type="constant"` (no warmup, no decay), grad accumulation 1,
   max_grad_norm 1.0 (TRL's default and the project's), `loss_type=["sigmoid"]`, the given `beta`.
@@ -201,10 +201,10 @@ def run(spec: dict) -> dict:
         config = DPOConfig(
             output_dir=out_dir,
             # precision / memory
-            bf16=False,
+            bf16=bool(spec.get("bf16", False)),  # on CUDA: autocast over fp32 weights, as the other rows
             fp16=False,
             gradient_checkpointing=False,
-            use_cpu=bool(spec.get("use_cpu", True)),
+            use_cpu=spec.get("device", "cpu") == "cpu",
             model_init_kwargs={"dtype": torch.float32},
             # optimisation
             optim="adamw_torch_fused",
@@ -285,6 +285,7 @@ def run(spec: dict) -> dict:
         "window_seconds": window["end"] - window["start"] if "start" in window and "end" in window else None,
         "first_loss": records[0]["loss"] if records else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
     }
     if precompute:
         result["ref_seconds"] = ref["seconds"]

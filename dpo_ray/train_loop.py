@@ -175,6 +175,8 @@ def train_loop_per_worker(config: dict) -> None:
         step_times.append(time.time() - t0)
         m["tokens_per_second"] = vec[-1].item() / step_times[-1]
         m["step_seconds"] = step_times[-1]
+        if device.type == "cuda":  # this worker's peak of allocated GPU memory so far
+            m["gpu_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         loss_first = m["loss"] if loss_first is None else loss_first
         tracker.log_metrics({f"train/{k}": v for k, v in m.items()}, step=step + 1)
         last = m
