@@ -76,6 +76,16 @@ def load_model(name: str, trust_remote_code: bool = False, dtype=None, token: st
         raise ModelError(f"cannot load model {name}: {str(e).splitlines()[0]}") from e
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Each decoder layer's activations recomputed in backward (non-reentrant torch checkpoint): less memory for
+    long sequences, the layers' forward run twice. transformers 5 names it activation checkpointing, 4 gradient."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _hash_file(h, path: Path) -> None:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

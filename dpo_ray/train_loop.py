@@ -26,7 +26,7 @@ from .config import Config
 from .forward import PolicyLogps
 from .losses import dpo_loss
 from .metrics import dpo_metrics
-from .model import load_model
+from .model import enable_activation_checkpointing, load_model
 from .tracking import run_logger
 
 log = logging.getLogger("dpo_ray")
@@ -100,6 +100,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     # [2] model and optimizer (fp32 master weights; bf16 only inside autocast)
     model = load_model(config["policy_path"], cfg.model.trust_remote_code, token=cfg.model.hf_token)
+    if t.gradient_checkpointing:  # for long sequences: each decoder layer's activations recomputed in backward
+        enable_activation_checkpointing(model)
     wrapper = PolicyLogps(model)  # packed pairs (prompt once per pair, no padding) when the model's attention allows it
     policy = ray.train.torch.prepare_model(wrapper)  # DDP on >1 worker; moves to device
     # the fused kernel: one call updates every parameter (on a small model about twice as fast a step as foreach)

@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from dpo_ray import packing
 from dpo_ray.forward import PolicyLogps
 from dpo_ray.logps import sequence_logps
+from dpo_ray.model import enable_activation_checkpointing
 
 
 def float64_reference(logits, ids, mask):
@@ -117,16 +118,28 @@ def test_every_fast_path_equals_plain_float64(arch, packed, reply_only_head, mon
 
 
 def test_packed_gradients_match_padded_plain_path():
-    model = _tiny_model().train()
+    """Packed + reply-only head, with and without gradient checkpointing, against the padded full-logits path."""
     rows = _ragged_batch()
-    grads = []
-    for packed, fast in ((True, True), (False, False)):
-        model.zero_grad()
+    grads, saved = [], []
+    for packed, fast, checkpointing in ((True, True, False), (True, True, True), (False, False, False)):
+        model = _tiny_model().train()
+        if checkpointing:
+            enable_activation_checkpointing(model)
         policy = PolicyLogps(model, reply_only_head=fast, packed=packed)
-        logps, _ = policy(policy.collate(rows, pad_id=0))
+        kept = []  # bytes the forward saves for backward
+
+        def keep(t):
+            kept.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            logps, _ = policy(policy.collate(rows, pad_id=0))
         (logps * torch.linspace(-1, 1, len(logps))).sum().backward()  # weights of both signs, as in the DPO loss
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+        saved.append(sum(kept))
+    torch.testing.assert_close(grads[0], grads[2], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[1], grads[2], atol=1e-5, rtol=1e-4)
+    assert saved[1] < 0.5 * saved[0], saved  # checkpointing keeps layer inputs only, recomputes the rest in backward
 
 
 def test_packed_model_still_runs_ordinary_padded_calls_and_saves_plainly(tmp_path):
