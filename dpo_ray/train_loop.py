@@ -118,8 +118,9 @@ def train_loop_per_worker(config: dict) -> None:
         log.info("rank %d: resumed from checkpoint at step %d", rank, start_step)
     if rank == 0:
         log.info("train: %d pairs, %d workers x %d pairs x %d accumulation = %d pairs/step, %d steps/epoch, %d steps, "
-                 "batches %s, precision %s", n_pairs, world, bs, accum, pairs_per_step, steps_per_epoch, total_steps,
+                 "batches %s%s, precision %s", n_pairs, world, bs, accum, pairs_per_step, steps_per_epoch, total_steps,
                  "packed (prompt once per pair, no padding)" if wrapper.packed else "padded to the longest sequence",
+                 ", activation checkpointing" if t.gradient_checkpointing else "",
                  "bf16 autocast" if bf16 else "fp32 (set train.bf16=true to force bf16; this CPU has no native bf16)" if device.type == "cpu" else "fp32")
 
     # [3] the loop
