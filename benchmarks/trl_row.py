@@ -49,11 +49,11 @@ import json
 import logging
 import os
 import random
-import resource
 import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's reference pre-pass bar reads this
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -62,6 +62,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import peak_gpu_mb, peak_rss_mb  # noqa: E402
 
 # Filled by run(): per-step records and the pairs used, for tests that check the counts independently.
 _LAST: dict = {}
@@ -284,8 +287,8 @@ def run(spec: dict) -> dict:
         # fetching/collation and the Trainer's between-step bookkeeping. For information only.
         "window_seconds": window["end"] - window["start"] if "start" in window and "end" in window else None,
         "first_loss": records[0]["loss"] if records else None,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": peak_gpu_mb(),
     }
     if precompute:
         result["ref_seconds"] = ref["seconds"]
