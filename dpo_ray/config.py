@@ -30,8 +30,19 @@ class ModelConfig(_Strict):
     hf_token: str | None = None  # for private hub models; prefer the HF_TOKEN environment variable. Masked in logs
 
 
+class ColumnsConfig(_Strict):
+    """The user's column names for the standard keys: data.columns: {prompt: question, chosen: response_j, rejected: response_k}."""
+
+    prompt: str | None = None
+    chosen: str
+    rejected: str
+    system: str | None = None  # a system prompt column: a system message before the prompt
+
+
 class DataConfig(_Strict):
-    train: list[str] = Field(default_factory=lambda: ["demo:pairs"])  # JSONL files, dirs or globs
+    train: list[str] = Field(default_factory=lambda: ["demo:pairs"])  # .jsonl/.json/.parquet(/.gz) files, dirs or globs
+    columns: ColumnsConfig | None = None  # map other column names onto prompt/chosen/rejected(/system)
+    apply_chat_template: bool = True  # false: prompt/chosen/rejected strings are tokenized as they are (base models)
     eval: list[str] | None = None  # a held-out file; else eval_fraction of train
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     max_length: int = Field(512, ge=8)  # tokens per sequence (prompt + reply + EOS)
@@ -52,6 +63,10 @@ class DataConfig(_Strict):
         if self.max_prompt_length is not None and self.max_prompt_length > self.max_length:
             raise ValueError(f"data.max_prompt_length ({self.max_prompt_length}) must be at most data.max_length ({self.max_length})")
         return self
+
+    @property
+    def columns_map(self) -> dict[str, str] | None:
+        return {k: v for k, v in self.columns.model_dump().items() if v} if self.columns else None
 
     @property
     def prompt_budget(self) -> int:

@@ -1,10 +1,14 @@
-"""Parse and validate preference rows (three layouts), render the chat template, build loss masks.
+"""Parse and validate preference rows (six layouts), render the chat template, build loss masks.
 
 Pure Python over a `transformers` tokenizer: every row becomes either a tokenized pair or a
-`Reject(reason, detail)`; nothing is dropped silently. Layouts accepted:
-  chat      {"chosen": [{"role", "content"}, ...], "rejected": [...]}       (MiniMind; multi-turn)
-  standard  {"prompt": str, "chosen": str, "rejected": str}  (prompt may also be a message list)
-  sharegpt  {"conversations": [{"from", "value"}], "chosen": {"from","value"}, "rejected": {...}}
+`Reject(reason, detail)`; nothing is dropped silently. Layouts, detected per row (TRL's names):
+  standard                 {"prompt": str, "chosen": str, "rejected": str}
+  standard_implicit        {"chosen": str, "rejected": str}: the prompt is their common start
+  conversational           {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
+  conversational_implicit  {"chosen": [messages], "rejected": [messages]}: whole conversations (MiniMind)
+  ultrafeedback            {"prompt": str, "chosen": [messages], "rejected": [messages]}: the conversations win
+  sharegpt                 {"conversations": [{"from", "value"}], "chosen": {"from", "value"}, "rejected": {...}}
+A pair is messages (rendered with the chat template) or, for string data without it, plain text.
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ from dataclasses import dataclass
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+LAYOUTS = ("standard", "standard_implicit", "conversational", "conversational_implicit", "ultrafeedback", "sharegpt")
+TRIED = ("tried: prompt/chosen/rejected strings or message lists, chosen/rejected strings or whole conversations, "
+         "ShareGPT conversations/chosen/rejected")
 
 
 @dataclass
@@ -23,6 +30,17 @@ class Reject(Exception):
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.detail}"
+
+
+@dataclass
+class Pair:
+    """One preference pair: `chosen`/`rejected` message lists ending in the reply, or `text` = (prompt, chosen, rejected)
+    strings tokenized as they are (no chat template)."""
+
+    layout: str
+    chosen: list[dict] | None = None
+    rejected: list[dict] | None = None
+    text: tuple[str, str, str] | None = None
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -64,28 +82,99 @@ def _sharegpt_turn(value, field: str) -> dict:
     return {"role": role, "content": value["value"]}
 
 
-def to_conversations(obj: dict) -> tuple[list[dict], list[dict]]:
-    """Any accepted layout -> (chosen_messages, rejected_messages), each ending in the assistant reply."""
+def common_start(chosen, rejected):
+    """TRL's implicit prompt: the common start of the two (strings or message lists); a string split right after a
+    space leaves the space with the replies."""
+    n = min(len(chosen), len(rejected))
+    idx = next((i for i in range(n) if chosen[i] != rejected[i]), n)
+    if isinstance(chosen, str) and 0 < idx < n and chosen[idx - 1] == " ":
+        idx -= 1
+    return idx
+
+
+def map_columns(obj: dict, columns: dict[str, str]) -> dict:
+    """data.columns: {prompt: question, chosen: response_j, rejected: response_k, system: sys} -> the standard keys.
+    A system column becomes a system message before the prompt."""
+    out = {key: obj[col] for key, col in columns.items() if col in obj and key != "system"}
+    system = obj.get(columns["system"]) if columns.get("system") else None
+    if system:
+        if not isinstance(system, str):
+            raise Reject("bad_type", f"system column '{columns['system']}' must be a string")
+        p = out.get("prompt")
+        if isinstance(p, str):
+            out["prompt"] = [{"role": "user", "content": p}]
+        if isinstance(out.get("prompt"), list):
+            out["prompt"] = [{"role": "system", "content": system}] + out["prompt"]
+    return out
+
+
+def to_pair(obj: dict, columns: dict[str, str] | None = None, chat_template: bool = True) -> Pair:
+    """Any accepted layout (detected from this row alone) -> a Pair. Raises Reject, naming the layouts tried."""
+    if columns:
+        obj = map_columns(obj, columns)
     if "conversations" in obj:
         conv = obj["conversations"]
         if not isinstance(conv, list) or not conv:
             raise Reject("bad_type", "conversations must be a non-empty list")
         prompt = [_sharegpt_turn(m, f"conversations[{i}]") for i, m in enumerate(conv)]
+        if isinstance(obj.get("system"), str) and obj["system"] and prompt[0]["role"] != "system":
+            prompt.insert(0, {"role": "system", "content": obj["system"]})  # LLaMA-Factory's system column
         chosen, rejected = [_sharegpt_turn(obj.get(k), k) for k in ("chosen", "rejected")]
-        return prompt + [chosen], prompt + [rejected]
-    if "prompt" in obj:
-        for k in ("chosen", "rejected"):
-            if k not in obj:
-                raise Reject("missing_key", f"missing key '{k}'")
-            if not isinstance(obj[k], str):
-                raise Reject("bad_type", f"'{k}' must be a string in the prompt/chosen/rejected layout")
-        p = obj["prompt"]
-        prompt = [{"role": "user", "content": p}] if isinstance(p, str) else _messages(p, "prompt")
-        return prompt + [{"role": "assistant", "content": obj["chosen"]}], prompt + [{"role": "assistant", "content": obj["rejected"]}]
-    for k in ("chosen", "rejected"):
-        if k not in obj:
-            raise Reject("missing_key", f"missing key '{k}' (expected chosen/rejected message lists, or prompt/chosen/rejected strings)")
-    return _messages(obj["chosen"], "chosen"), _messages(obj["rejected"], "rejected")
+        return Pair("sharegpt", prompt + [chosen], prompt + [rejected])
+    missing = [k for k in ("chosen", "rejected") if k not in obj]
+    if missing:
+        raise Reject("missing_key", f"missing key '{missing[0]}' (the row has {sorted(obj)[:8]}); {TRIED}")
+    c, r, p = obj["chosen"], obj["rejected"], obj.get("prompt")
+    if isinstance(c, str) and isinstance(r, str):
+        if p is None:
+            i = common_start(c, r)
+            return Pair("standard_implicit", text=(c[:i], c[i:], r[i:]))
+        if isinstance(p, str) and not chat_template:
+            return Pair("standard", text=(p, c, r))
+        if isinstance(p, (str, list)):
+            prompt = [{"role": "user", "content": p}] if isinstance(p, str) else _messages(p, "prompt")
+            reply = lambda x: [{"role": "assistant", "content": x}]
+            return Pair("standard" if isinstance(p, str) else "conversational", prompt + reply(c), prompt + reply(r))
+    if isinstance(c, list) and isinstance(r, list):
+        cm, rm = _messages(c, "chosen"), _messages(r, "rejected")
+        if p is None:
+            return Pair("conversational_implicit", cm, rm)
+        if isinstance(p, list):
+            pm = _messages(p, "prompt")
+            return Pair("conversational", pm + cm, pm + rm)
+        if isinstance(p, str) and cm[0]["role"] == "assistant":  # a prompt string and the reply as messages
+            pm = [{"role": "user", "content": p}]
+            return Pair("conversational", pm + cm, pm + rm)
+        if isinstance(p, str):  # UltraFeedback: whole conversations that repeat the prompt
+            users = [m["content"].strip() for m in cm[:-1] if m["role"] == "user"]
+            if p.strip() not in users:
+                raise Reject("prompt_mismatch", f"'prompt' differs from every user turn of the chosen conversation: {p[:80]!r}")
+            return Pair("ultrafeedback", cm, rm)
+    kind = lambda v: type(v).__name__
+    raise Reject("unknown_layout", f"prompt/chosen/rejected are {kind(p) if 'prompt' in obj else 'absent'}/{kind(c)}/{kind(r)}; {TRIED}")
+
+
+def to_conversations(obj: dict) -> tuple[list[dict], list[dict]]:
+    """A message-layout row -> (chosen_messages, rejected_messages), each ending in the assistant reply."""
+    pair = to_pair(obj)
+    if pair.text is not None:
+        raise Reject("bad_type", "a string pair without a prompt is plain text, not messages")
+    return pair.chosen, pair.rejected
+
+
+def validate(pair: Pair) -> None:
+    """Raises Reject for a pair that cannot be trained on."""
+    if pair.text is None:
+        return validate_pair(pair.chosen, pair.rejected)
+    prompt, chosen, rejected = pair.text
+    if not prompt.strip():
+        raise Reject("no_prompt", "chosen and rejected share no common start (the prompt)" if pair.layout == "standard_implicit"
+                     else "the prompt is empty")
+    for name, reply in (("chosen", chosen), ("rejected", rejected)):
+        if not reply.strip():
+            raise Reject("empty_reply", f"{name} reply is empty or whitespace")
+    if chosen == rejected:
+        raise Reject("identical_replies", "chosen and rejected replies are identical")
 
 
 def validate_pair(chosen: list[dict], rejected: list[dict]) -> None:
@@ -104,9 +193,14 @@ def validate_pair(chosen: list[dict], rejected: list[dict]) -> None:
         raise Reject("identical_replies", "chosen and rejected replies are identical")
 
 
-def pair_hash(chosen: list[dict], rejected: list[dict]) -> str:
-    """Content hash of a pair: exact duplicates share it, and it picks the eval split stably."""
-    return hashlib.sha256(json.dumps([chosen, rejected], ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:32]
+def pair_hash(chosen, rejected=None) -> str:
+    """Content hash of a pair (a Pair, or chosen and rejected messages): exact duplicates share it, and it picks the eval
+    split stably. Message pairs hash as before; text pairs hash their three strings."""
+    if isinstance(chosen, Pair):
+        content = [chosen.chosen, chosen.rejected] if chosen.text is None else ["text", *chosen.text]
+    else:
+        content = [chosen, rejected]
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:32]
 
 
 # ---------------------------------------------------------------------------- tokenizing
@@ -147,28 +241,42 @@ def truncate(prompt_ids: list[int], reply_ids: list[int], max_length: int, promp
     return prompt_ids, reply_ids, cut
 
 
-def tokenize_pairs(tokenizer, pairs: list[tuple[list[dict], list[dict]]], max_length: int, prompt_budget: int) -> list[dict | Reject]:
-    """Validated pairs -> one prepared row (ids int lists, masks 0/1 lists, flags) or one Reject per pair.
+def _bos(tokenizer) -> list[int]:
+    """[BOS] when the tokenizer puts one before plain text (Llama), else [] (Qwen, GPT-2): what a base model saw in pretraining."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else []
 
-    Uses the template's own rendering: the prompt is everything up to where the reply text starts in the
-    rendered conversation (so a template's own assistant header, e.g. MiniMind's empty <think> block, stays
-    prompt), the mask covers the reply and EOS. Chosen and rejected share their prompt turns (validate_pair),
-    so the prompt is rendered once per pair, and the whole batch is one call of the (Rust) tokenizer.
-    `prompt_not_prefix` flags a pair whose rendered prompt (with generation prompt) is not a token prefix of
-    the rendered conversation: a template quirk worth a warning.
+
+def tokenize_pairs(tokenizer, pairs: list, max_length: int, prompt_budget: int) -> list[dict | Reject]:
+    """Validated pairs (Pair, or (chosen, rejected) messages) -> one prepared row (ids int lists, masks 0/1 lists,
+    flags) or one Reject per pair.
+
+    Message pairs use the template's own rendering: the prompt is everything up to where the reply text starts in the
+    rendered conversation (so a template's own assistant header, e.g. MiniMind's empty <think> block, stays prompt),
+    the mask covers the reply and EOS. Chosen and rejected share their prompt turns (validate_pair), so the prompt is
+    rendered once per pair. Text pairs (no chat template) are tokenized as TRL does: prompt and each reply on their
+    own, the tokenizer's BOS (if it adds one) before the prompt, EOS after the reply. The whole batch is one call of
+    the (Rust) tokenizer. `prompt_not_prefix` flags a message pair whose rendered prompt (with generation prompt) is
+    not a token prefix of the rendered conversation: a template quirk worth a warning.
     """
     texts, plans = [], []
-    for chosen, rejected in pairs:
+    for pair in pairs:
+        pair = pair if isinstance(pair, Pair) else Pair("conversational", *pair)
+        if pair.text is not None:
+            plans.append((len(texts), None))
+            texts += list(pair.text)
+            continue
         try:
-            prompt_text = render(tokenizer, chosen[:-1], True)
-            fulls = [render(tokenizer, conv, False) for conv in (chosen, rejected)]
-            spans = [_reply_span(full, prompt_text, conv[-1]["content"]) for full, conv in zip(fulls, (chosen, rejected))]
+            prompt_text = render(tokenizer, pair.chosen[:-1], True)
+            fulls = [render(tokenizer, conv, False) for conv in (pair.chosen, pair.rejected)]
+            spans = [_reply_span(full, prompt_text, conv[-1]["content"]) for full, conv in zip(fulls, (pair.chosen, pair.rejected))]
         except Reject as r:
             plans.append(r)
             continue
         plans.append((len(texts), spans))
         texts += [prompt_text, *fulls]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {}
+    bos = _bos(tokenizer) if any(plan[1] is None for plan in plans if not isinstance(plan, Reject)) else []
     out: list[dict | Reject] = []
     for plan in plans:
         if isinstance(plan, Reject):
@@ -179,8 +287,11 @@ def tokenize_pairs(tokenizer, pairs: list[tuple[list[dict], list[dict]]], max_le
         row: dict = {"truncated": False, "prompt_not_prefix": False}
         for j, name in ((1, "chosen"), (2, "rejected")):
             ids = enc["input_ids"][i + j]
-            p, r = _split_at_reply(ids, enc["offset_mapping"][i + j], spans[j - 1], tokenizer.eos_token_id)
-            row["prompt_not_prefix"] |= ids[: len(prefix_ids)] != prefix_ids
+            if spans is None:  # plain text: prompt and reply tokenized apart
+                p, r = bos + prefix_ids, ids + [tokenizer.eos_token_id]
+            else:
+                p, r = _split_at_reply(ids, enc["offset_mapping"][i + j], spans[j - 1], tokenizer.eos_token_id)
+                row["prompt_not_prefix"] |= ids[: len(prefix_ids)] != prefix_ids
             p, r, cut = truncate(p, r, max_length, prompt_budget)
             if not r:
                 row = Reject("no_reply_after_truncation", f"no {name} reply token fits in data.max_length={max_length}")
@@ -193,9 +304,9 @@ def tokenize_pairs(tokenizer, pairs: list[tuple[list[dict], list[dict]]], max_le
     return out
 
 
-def tokenize_pair(tokenizer, chosen: list[dict], rejected: list[dict], max_length: int, prompt_budget: int) -> dict:
-    """One validated pair -> the prepared row (see tokenize_pairs). Raises Reject."""
-    row = tokenize_pairs(tokenizer, [(chosen, rejected)], max_length, prompt_budget)[0]
+def tokenize_pair(tokenizer, chosen, rejected=None, max_length: int = 512, prompt_budget: int = 256) -> dict:
+    """One validated pair (a Pair, or chosen and rejected messages) -> the prepared row (see tokenize_pairs). Raises Reject."""
+    row = tokenize_pairs(tokenizer, [chosen if isinstance(chosen, Pair) else (chosen, rejected)], max_length, prompt_budget)[0]
     if isinstance(row, Reject):
         raise row
     return row

@@ -64,8 +64,12 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
+
+
 def resolve_data_files(specs: list[str]) -> list[Path]:
-    """JSONL files from paths, directories (their *.jsonl) and globs; demo:pairs is the bundled set."""
+    """Data files from paths, directories (their .jsonl, .json, .parquet, .jsonl.gz, .json.gz files) and globs;
+    demo:pairs is the bundled set."""
     files: list[Path] = []
     for spec in specs:
         if spec == "demo:pairs":
@@ -78,14 +82,14 @@ def resolve_data_files(specs: list[str]) -> list[Path]:
                 raise DataError(f"data: no file matches {spec}")
             files += found
         elif Path(spec).expanduser().is_dir():
-            found = sorted(Path(spec).expanduser().glob("*.jsonl"))
+            found = sorted(p for p in Path(spec).expanduser().iterdir() if p.is_file() and p.name.lower().endswith(DATA_SUFFIXES))
             if not found:
-                raise DataError(f"data: directory {spec} has no *.jsonl files")
+                raise DataError(f"data: directory {spec} has no data files ({', '.join('*' + s for s in DATA_SUFFIXES)})")
             files += found
         elif Path(spec).expanduser().is_file():
             files.append(Path(spec).expanduser())
         else:
-            raise DataError(f"data file {spec} not found (give a JSONL file, a directory of them, or a glob)")
+            raise DataError(f"data file {spec} not found (give a .jsonl, .json or .parquet file, a directory of them, or a glob)")
     return [f.resolve() for f in files]
 
 

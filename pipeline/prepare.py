@@ -1,4 +1,4 @@
-"""Stage 1, prepare: JSONL -> validated, tokenized Parquet (train/, eval/) + rejects, with Ray Data.
+"""Stage 1, prepare: JSON Lines / JSON arrays / Parquet -> validated, tokenized Parquet (train/, eval/) + rejects, with Ray Data.
 
 Output: one <cache_dir>/prepared/<key>/ per input file, key = the file's content + tokenizer + length
 settings, so adding a file to a data directory tokenizes only that file. Every input line ends in
@@ -18,14 +18,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet  # noqa: F401  (pa.parquet)
 
-from dpo_ray.data import Reject, decode_line, pair_hash, to_conversations, tokenize_pairs, validate_pair
+from dpo_ray.data import Reject, decode_line, pair_hash, to_pair, tokenize_pairs, validate
 from dpo_ray.model import fingerprint_tokenizer, load_tokenizer
 
+from . import sources
 from .artifacts import DataError, complete_dir, completed, fingerprint, hash_file, resolve_data_files
 from .storage import Location, open_location
 
 log = logging.getLogger("dpo_ray")
-VERSION = 2  # bump when the row format or masking changes: part of the key
+VERSION = 3  # bump when the row format or masking changes: part of the key
 ROW_COLUMNS = ["row_id", "chosen_input_ids", "rejected_input_ids", "chosen_loss_mask", "rejected_loss_mask"]
 RAW_CHARS = 500
 LINES_PER_BLOCK = 500
@@ -57,17 +58,6 @@ class Prepared:
         return all(p.hit for p in self.parts)
 
 
-def split_lines(row: dict) -> list[dict]:
-    """One file's bytes -> one row per line, numbered from 1. A UTF-8 BOM and CRLF line ends are dropped."""
-    data: bytes = row["bytes"]
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()  # the newline that ends the last line
-    return [{"path": row["path"], "line_no": i, "raw": line.removesuffix(b"\r")} for i, line in enumerate(lines, start=1)]
-
-
 @functools.lru_cache(maxsize=4)
 def _tokenizer(name: str, trust_remote_code: bool):
     return load_tokenizer(name, trust_remote_code)
@@ -78,24 +68,27 @@ def _split_of(h: str, eval_fraction: float) -> str:
 
 
 def tokenize_batch(batch: dict, *, tokenizer: str, trust_remote_code: bool, max_length: int, prompt_budget: int,
-                   eval_fraction: float, fixed_split: str | None) -> pa.Table:
-    """Ray Data map_batches fn: raw lines -> one output row per line, status 'ok', 'blank' or a reject code."""
+                   eval_fraction: float, fixed_split: str | None, columns: dict | None = None, chat_template: bool = True) -> pa.Table:
+    """Ray Data map_batches fn: raw records -> one output row per record, status 'ok', 'blank', 'file_error' or a reject code."""
     tok = _tokenizer(tokenizer, trust_remote_code)
-    cols: dict[str, list] = {k: [] for k in ["row_id", "source", "line_no", "status", "detail", "raw", "pair_hash", "split",
+    cols: dict[str, list] = {k: [] for k in ["row_id", "source", "line_no", "status", "detail", "raw", "pair_hash", "split", "layout",
                                             "truncated", "prompt_not_prefix", "prompt_tokens", *ROW_COLUMNS[1:]]}
     recs, pairs, waiting = [], [], []  # waiting: the recs whose pair is in `pairs`, tokenized below in one call
     for path, line_no, raw in zip(batch["path"], batch["line_no"], batch["raw"]):
         path, line_no, raw = str(path), int(line_no), bytes(raw)
         rec = {"row_id": f"{Path(path).name}:{line_no}", "source": path, "line_no": line_no, "status": "ok", "detail": "",
-               "raw": raw, "pair_hash": "", "split": "", "truncated": False, "prompt_not_prefix": False, "prompt_tokens": 0}
+               "raw": raw, "pair_hash": "", "split": "", "layout": "", "truncated": False, "prompt_not_prefix": False, "prompt_tokens": 0}
         try:
+            if line_no == sources.FILE_ERROR:
+                raise Reject("file_error", raw.decode("utf-8", "replace"))
             if not raw.strip():
                 raise Reject("blank", "blank line")
-            chosen, rejected = to_conversations(decode_line(raw))
-            validate_pair(chosen, rejected)
-            rec["pair_hash"] = pair_hash(chosen, rejected)
+            pair = to_pair(decode_line(raw), columns, chat_template)
+            rec["layout"] = pair.layout
+            validate(pair)
+            rec["pair_hash"] = pair_hash(pair)
             rec["split"] = fixed_split or _split_of(rec["pair_hash"], eval_fraction)
-            pairs.append((chosen, rejected))
+            pairs.append(pair)
             waiting.append(rec)
         except Reject as r:
             rec.update(status=r.reason, detail=r.detail)
@@ -123,7 +116,19 @@ def _select_rows(table: pa.Table, row_ids: pa.Array) -> pa.Table:
     return table.filter(pc.is_in(table["row_id"], value_set=row_ids)).select(ROW_COLUMNS)
 
 
-META_COLUMNS = ["row_id", "source", "line_no", "status", "pair_hash", "split", "truncated", "prompt_not_prefix", "prompt_tokens"]
+META_COLUMNS = ["row_id", "source", "line_no", "status", "pair_hash", "split", "layout", "truncated", "prompt_not_prefix", "prompt_tokens"]
+
+
+def check_files(cfg, files: list[Path]) -> dict[Path, str]:
+    """Each file's kind ('jsonl', 'array', 'parquet'), and data.columns checked against its columns: before any Ray work."""
+    kinds = {f: sources.sniff(f) for f in files}
+    mapping = cfg.data.columns_map
+    for f, kind in kinds.items() if mapping else ():
+        have = sources.columns(f, kind)
+        missing = [f"{key}: {col}" for key, col in mapping.items() if have is not None and col not in have]
+        if missing:
+            raise DataError(f"data.columns: {f.name} has no column {', '.join(missing)}; its columns are {', '.join(have)}")
+    return kinds
 
 
 def run(cfg, tokenizer_path: str, rejects_copy: Path) -> Prepared:
@@ -132,19 +137,21 @@ def run(cfg, tokenizer_path: str, rejects_copy: Path) -> Prepared:
 
     files = resolve_data_files(cfg.data.train)
     eval_files = resolve_data_files(cfg.data.eval) if cfg.data.eval else []
+    kinds = check_files(cfg, files + eval_files)
     tok_key = fingerprint_tokenizer(load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.hf_token))
     cache = open_location(cfg.cache_dir)
     parts = []
     for f in files + eval_files:
         is_eval = f in eval_files
         key = fingerprint("prepare", VERSION, hash_file(f), tok_key, cfg.data.max_length, cfg.data.prompt_budget,
-                          "eval" if is_eval else ("train" if eval_files else cfg.data.eval_fraction))
+                          "eval" if is_eval else ("train" if eval_files else cfg.data.eval_fraction),
+                          cfg.data.columns_map, cfg.data.apply_chat_template)
         out = cache / "prepared" / key
         data = completed(out)
         if data:
             log.info("prepare: %s unchanged, reusing %s", f.name, out)
         else:
-            _prepare_file(cfg, f, is_eval, bool(eval_files), tokenizer_path, out)
+            _prepare_file(cfg, f, kinds[f], is_eval, bool(eval_files), tokenizer_path, out)
         parts.append(Part(f, data or completed(out), key, data is not None))
 
     # across files: the first copy of a pair is kept (files in order, then lines); rejects in the same order
@@ -171,19 +178,21 @@ def run(cfg, tokenizer_path: str, rejects_copy: Path) -> Prepared:
     return prepared
 
 
-def _prepare_file(cfg, file: Path, is_eval: bool, has_eval_files: bool, tokenizer_path: str, out: Location) -> None:
-    import ray
-
-    log.info("prepare: tokenizing %s with Ray Data -> %s", file, out)
+def _prepare_file(cfg, file: Path, kind: str, is_eval: bool, has_eval_files: bool, tokenizer_path: str, out: Location) -> None:
+    log.info("prepare: tokenizing %s (%s) with Ray Data -> %s", file, "JSON array" if kind == "array" else
+             "Parquet" if kind == "parquet" else "JSON Lines", out)
     # one file is one block: split it so that the tokenizing tasks run on every CPU
-    lines = ray.data.read_binary_files([str(file)], include_paths=True).flat_map(split_lines).repartition(target_num_rows_per_block=LINES_PER_BLOCK)
-    processed = lines.map_batches(
+    records = sources.read(file, kind).repartition(target_num_rows_per_block=LINES_PER_BLOCK)
+    processed = records.map_batches(
         tokenize_batch, batch_format="numpy", batch_size=256,
         fn_kwargs=dict(tokenizer=tokenizer_path, trust_remote_code=cfg.model.trust_remote_code, max_length=cfg.data.max_length,
                        prompt_budget=cfg.data.prompt_budget, eval_fraction=cfg.data.eval_fraction,
-                       fixed_split="eval" if is_eval else "train" if has_eval_files else None),
+                       fixed_split="eval" if is_eval else "train" if has_eval_files else None,
+                       columns=cfg.data.columns_map, chat_template=cfg.data.apply_chat_template),
     ).materialize()
     meta = processed.select_columns(META_COLUMNS + ["detail", "raw"]).to_pandas()  # raw is empty for good rows
+    if (meta.status == "file_error").any():
+        raise DataError(f"data: {meta.detail[meta.status == 'file_error'].iloc[0]}")
     meta = meta.sort_values("line_no", kind="stable")
     ok = meta[meta.status == "ok"]
     keep_ids = set(ok.row_id[~ok.duplicated("pair_hash", keep="first")])  # duplicates within the file: kept once
@@ -213,7 +222,17 @@ def _stats(meta, ok, dup, keep_ids, files, eval_files) -> dict:
         "truncated": int(kept.truncated.sum()),
         "prompt_not_prefix": int(kept.prompt_not_prefix.sum()),
         "prompt_tokens_mean": float(kept.prompt_tokens.mean()) if len(kept) else 0.0,
+        "layouts": dict(Counter(kept.layout).most_common()),
+        "per_file": [_file_stats(f, meta[meta.part == i], kept[kept.part == i], dup[dup.part == i])
+                     for i, f in enumerate(files + eval_files)],
     }
+
+
+def _file_stats(file, meta, kept, dup) -> dict:
+    """One input file's counts: rows_read = rows_used + rows_rejected + duplicates; the layouts of its used rows."""
+    rejected = ~meta.status.isin(["ok", "blank"])
+    return {"file": str(file), "rows_read": int((meta.status != "blank").sum()), "rows_used": int(len(kept)),
+            "rows_rejected": int(rejected.sum()), "duplicates": int(len(dup)), "layouts": dict(Counter(kept.layout).most_common())}
 
 
 def _check_bad_fraction(cfg, s: dict, rejects_file: Path) -> None:

@@ -217,7 +217,7 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
     # checks that cost nothing, before any Ray or model work
     t_start = time.time()
     out_dir = Path(cfg.output_dir).resolve()
-    resolve_data_files(cfg.data.train + (cfg.data.eval or []))
+    prepare.check_files(cfg, resolve_data_files(cfg.data.train + (cfg.data.eval or [])))  # readable, and data.columns found
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     if "train" in stages or "evaluate" in stages or cfg.model.policy.startswith("models:/"):
         check_reachable(uri)
