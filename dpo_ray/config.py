@@ -114,6 +114,7 @@ class MLflowConfig(_Strict):
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
     experiment: str = "dpo-ray"
     run_name: str | None = None  # None: model, data fingerprint and main hyperparameters
+    system_metrics: bool = True  # MLflow's CPU/memory/GPU sampling, from the driver and the rank-0 train worker
 
 
 class RegistryConfig(_Strict):

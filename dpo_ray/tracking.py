@@ -121,6 +121,41 @@ class RunLogger:
             self.buffer = self.buffer[len(chunk):]
 
 
+class _NoMonitor:
+    def finish(self) -> None:
+        pass
+
+
+def system_metrics(uri: str | None, run_id: str | None, node_id: str, enabled: bool = True):
+    """MLflow's own system-metrics monitor on this process's machine, logging to the run as system/<node_id>/...:
+    CPU and memory (psutil), disk, network, and GPU utilization and memory where NVML answers. It samples every
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10) on a daemon thread; call .finish() at the end."""
+    if not (enabled and uri and run_id):
+        return _NoMonitor()
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, node_id=node_id, tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception as e:  # psutil missing, a store that does not answer: the run goes on without them
+        log.warning("MLflow: no system metrics from %s (%s)", node_id, str(e).splitlines()[0][:200])
+        return _NoMonitor()
+
+
+def dataset_input(name: str, digest: str, source: str, context: str, profile: dict):
+    """One input file as an MLflow dataset input (the run's Datasets column): its content hash as the digest,
+    counts and layouts as the profile."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}),
+                      profile=json.dumps(profile))
+    return DatasetInput(dataset=dataset, tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)])
+
+
 class NoLogger:
     lost = 0
 

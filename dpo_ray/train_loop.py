@@ -27,7 +27,7 @@ from .forward import PolicyLogps
 from .losses import dpo_loss
 from .metrics import dpo_metrics
 from .model import enable_activation_checkpointing, load_model
-from .tracking import run_logger
+from .tracking import run_logger, system_metrics
 
 log = logging.getLogger("dpo_ray")
 COLUMNS = ["row_id", "chosen_input_ids", "rejected_input_ids", "chosen_loss_mask", "rejected_loss_mask", "ref_chosen_logps", "ref_rejected_logps"]
@@ -88,6 +88,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(t.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     device = ray.train.torch.get_device()
     tracker = run_logger(config["tracking_uri"], config["run_id"], enabled=rank == 0)
+    monitor = system_metrics(config["tracking_uri"], config["run_id"], "train_rank0", enabled=rank == 0 and cfg.mlflow.system_metrics)
 
     # [1] data: the whole table on every worker, a seeded permutation per epoch, a fixed slice per rank
     rows = load_rows(ray.train.get_dataset_shard("train"))
@@ -198,6 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
     if start_step >= total_steps:  # resumed after the last step: report once so the run has a result
         report(model, optimizer, rank, {"step": total_steps, "loss_first": loss_first, "loss_last": last.get("loss"), "total_steps": total_steps})
     tracker.flush()
+    monitor.finish()
     if rank == 0:
         log.info("train: done, %d steps in %.0f s", total_steps - start_step, time.time() - t_start)
 

@@ -17,12 +17,14 @@ from .reference import Reference, has_split, read_split, score
 
 log = logging.getLogger("dpo_ray")
 TIE_TOLERANCE = 1e-4  # reward units: batching differences move CPU fp32 log-probs by ~1e-6 of their size
+PREVIEW_CHARS = 300  # of each text in the eval_pairs table
 
 
-def evaluate_model(cfg, ref: Reference, model_path: str, tokenizer_path: str, use_gpu: bool) -> dict[str, float]:
+def evaluate_model(cfg, ref: Reference, model_path: str, tokenizer_path: str, use_gpu: bool, pairs: bool = False):
+    """eval/... metrics of a model; with pairs=True also (metrics, one row per held-out pair, see pair_table)."""
     ds = score(read_split(ref.parts, "eval", ref.drop_ids), model_path, tokenizer_path, "policy_", cfg, use_gpu)
-    df = ds.select_columns(["policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
-                            "chosen_loss_mask", "rejected_loss_mask"]).to_pandas()
+    keep = ["policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_loss_mask", "rejected_loss_mask"]
+    df = ds.select_columns(keep + (["row_id", "chosen_input_ids", "rejected_input_ids"] if pairs else [])).to_pandas()
     col = lambda k: torch.tensor(df[k].to_numpy(), dtype=torch.float64)
     lengths = lambda k: torch.tensor([int(sum(m)) for m in df[k]], dtype=torch.float64)
     t = cfg.train
@@ -30,16 +32,43 @@ def evaluate_model(cfg, ref: Reference, model_path: str, tokenizer_path: str, us
                               beta=t.beta, loss_type=t.loss_type, label_smoothing=t.label_smoothing, simpo_gamma=t.simpo_gamma,
                               chosen_lengths=lengths("chosen_loss_mask"), rejected_lengths=lengths("rejected_loss_mask"))
     m = dpo_metrics(cr, rr, col("policy_chosen_logps"), col("policy_rejected_logps"), tie_tolerance=TIE_TOLERANCE)
-    return {"loss": losses.mean().item(), **m, "pairs": float(len(df))}
+    metrics = {"loss": losses.mean().item(), **m, "pairs": float(len(df))}
+    return (metrics, pair_table(df, (cr - rr).numpy(), tokenizer_path, cfg.model.trust_remote_code)) if pairs else metrics
 
 
-def run(cfg, ref: Reference, model_dir: Path, reference_path: str, tokenizer_path: str, use_gpu: bool) -> dict[str, float]:
-    """Returns eval/... metrics for the trained model and eval/reference/... for the reference itself."""
+def pair_table(df, reward_margins, tokenizer_path: str, trust_remote_code: bool, chars: int = PREVIEW_CHARS):
+    """One row per held-out pair, for MLflow's table view (eval_pairs.json): row_id, the prompt's end and both replies
+    (decoded from the tokens the models saw, cut to `chars`), the reference's and the policy's log-prob margin
+    (chosen - rejected), the reward margin (what rewards/margins averages) and whether the policy now prefers the
+    chosen reply (reward margin > 0, what rewards/accuracies counts)."""
+    import pandas as pd
+
+    from dpo_ray.model import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path, trust_remote_code)
+    cut = lambda text: text if len(text) <= chars else text[:chars] + "…"
+    decode = lambda ids, mask, want: tok.decode([i for i, m in zip(ids, mask) if m == want], skip_special_tokens=True).strip().strip("\ufffd")
+    prompt = [decode(ids, mask, 0) for ids, mask in zip(df.chosen_input_ids, df.chosen_loss_mask)]
+    return pd.DataFrame({
+        "row_id": df.row_id,
+        "prompt": [p if len(p) <= chars else "…" + p[-chars:] for p in prompt],  # its end: the turn the reply answers
+        "chosen": [cut(decode(i, m, 1)) for i, m in zip(df.chosen_input_ids, df.chosen_loss_mask)],
+        "rejected": [cut(decode(i, m, 1)) for i, m in zip(df.rejected_input_ids, df.rejected_loss_mask)],
+        "reference_logp_margin": df.ref_chosen_logps - df.ref_rejected_logps,
+        "policy_logp_margin": df.policy_chosen_logps - df.policy_rejected_logps,
+        "reward_margin": reward_margins,
+        "prefers_chosen": reward_margins > 0,
+    }).sort_values("reward_margin", kind="stable").reset_index(drop=True)  # the pairs the model gets most wrong first
+
+
+def run(cfg, ref: Reference, model_dir: Path, reference_path: str, tokenizer_path: str, use_gpu: bool):
+    """Returns (eval/... metrics for the trained model and eval/reference/... for the reference itself, the per-pair
+    table of the trained model); ({}, None) without an eval split."""
     if not any(has_split(p, "eval") for p in ref.parts):
         log.warning("evaluate: no eval split (set data.eval or data.eval_fraction > 0); skipped")
-        return {}
-    trained = evaluate_model(cfg, ref, str(model_dir), tokenizer_path, use_gpu)
+        return {}, None
+    trained, table = evaluate_model(cfg, ref, str(model_dir), tokenizer_path, use_gpu, pairs=True)
     baseline = evaluate_model(cfg, ref, reference_path, tokenizer_path, use_gpu)
     log.info("evaluate: %d pairs | trained: accuracy %.3f margin %.3f | reference: accuracy %.3f margin %.4f",
              trained["pairs"], trained["rewards/accuracies"], trained["rewards/margins"], baseline["rewards/accuracies"], baseline["rewards/margins"])
-    return {**{f"eval/{k}": v for k, v in trained.items()}, **{f"eval/reference/{k}": v for k, v in baseline.items()}}
+    return {**{f"eval/{k}": v for k, v in trained.items()}, **{f"eval/reference/{k}": v for k, v in baseline.items()}}, table

@@ -42,6 +42,7 @@ class Part:
     path: Location
     key: str
     hit: bool
+    digest: str  # the file's content hash
 
 
 @dataclass
@@ -143,7 +144,8 @@ def run(cfg, tokenizer_path: str, rejects_copy: Path) -> Prepared:
     parts = []
     for f in files + eval_files:
         is_eval = f in eval_files
-        key = fingerprint("prepare", VERSION, hash_file(f), tok_key, cfg.data.max_length, cfg.data.prompt_budget,
+        digest = hash_file(f)
+        key = fingerprint("prepare", VERSION, digest, tok_key, cfg.data.max_length, cfg.data.prompt_budget,
                           "eval" if is_eval else ("train" if eval_files else cfg.data.eval_fraction),
                           cfg.data.columns_map, cfg.data.apply_chat_template)
         out = cache / "prepared" / key
@@ -152,7 +154,7 @@ def run(cfg, tokenizer_path: str, rejects_copy: Path) -> Prepared:
             log.info("prepare: %s unchanged, reusing %s", f.name, out)
         else:
             _prepare_file(cfg, f, kinds[f], is_eval, bool(eval_files), tokenizer_path, out)
-        parts.append(Part(f, data or completed(out), key, data is not None))
+        parts.append(Part(f, data or completed(out), key, data is not None, digest))
 
     # across files: the first copy of a pair is kept (files in order, then lines); rejects in the same order
     metas = [p.path / "meta.parquet" for p in parts]

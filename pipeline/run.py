@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dpo_ray.config import Config, flatten, masked, to_yaml
 from dpo_ray.model import load_tokenizer, resolve_model
-from dpo_ray.tracking import check_reachable, ensure_experiment, resolve_tracking_uri
+from dpo_ray.tracking import check_reachable, dataset_input, ensure_experiment, resolve_tracking_uri, system_metrics
 
 from . import evaluate, prepare, reference, register, train
 from .artifacts import atomic_dir, exclusive, resolve_data_files, write_json_atomic
@@ -161,6 +161,18 @@ def plot_curves(tracker, path: Path) -> None:
     tracker.call("curves.png", tracker.client.log_artifact, str(path))
 
 
+def dataset_inputs(prepared) -> list:
+    """Each input file as an MLflow dataset input: name, content hash, path, its counts and the layouts found."""
+    per_file = {s["file"]: s for s in prepared.stats["per_file"]}
+    eval_files = set(prepared.stats["eval_files"])
+    out = []
+    for part in prepared.parts:
+        counts = per_file[str(part.file)]
+        profile = {"num_rows": counts["rows_read"], **{k: v for k, v in counts.items() if k != "file"}}
+        out.append(dataset_input(part.file.name, part.digest, str(part.file), "eval" if str(part.file) in eval_files else "training", profile))
+    return out
+
+
 def export_model(checkpoint, tokenizer, out: Path) -> Path:
     """The final checkpoint's HF files + tokenizer -> <output_dir>/model, written aside and renamed into place."""
     with atomic_dir(out.parent / (out.name + ".new")) as tmp:
@@ -228,7 +240,7 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
     tokenizer_path = resolve(cfg.model.tokenizer, uri, cache) if cfg.model.tokenizer else policy_path
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.hf_token)
     started_ray = start_ray(address)
-    tracker = None
+    tracker = monitor = None
     try:
         use_gpu, cpus_per_worker = plan_resources(cfg)
         prepared = prepare.run(cfg, tokenizer_path, rejects_copy=out_dir / "rejects.jsonl")
@@ -258,7 +270,9 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
                 "mlflow.source.name": "dpo-ray", **({"git_commit": c} if (c := git_commit()) else {})}
         run_id = MlflowClient(uri).create_run(exp_id, run_name=run_name(cfg, prepared.key), tags=tags).info.run_id
         tracker = RunLogger(uri, run_id)
+        monitor = system_metrics(uri, run_id, "driver", enabled=cfg.mlflow.system_metrics)
         summary["mlflow_run_id"] = run_id
+        tracker.call("dataset inputs", tracker.client.log_inputs, datasets=dataset_inputs(prepared))
         tracker.call("params", tracker.client.log_batch, params=[Param(k, str(v)[:6000]) for k, v in flatten(safe_cfg).items()])
         tracker.call("config.yaml", tracker.client.log_text, to_yaml(Config.model_validate(safe_cfg)), "config.yaml")
         tracker.call("data_stats.json", tracker.client.log_dict, prepared.stats, "data_stats.json")
@@ -276,7 +290,9 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
         if "evaluate" in stages:
             if not model_dir.exists():
                 raise SetupError(f"evaluate: no trained model at {model_dir}; run `dpo-ray train` first")
-            ev = evaluate.run(cfg, ref, model_dir, reference_path, tokenizer_path, use_gpu)
+            ev, pairs = evaluate.run(cfg, ref, model_dir, reference_path, tokenizer_path, use_gpu)
+            if pairs is not None:
+                tracker.call("eval_pairs.json", tracker.client.log_table, data=pairs, artifact_file="eval_pairs.json")
             tracker.log_metrics(ev, step=summary.get("train", {}).get("steps") or 0)
             summary["eval"] = {k[len("eval/"):]: v for k, v in ev.items() if not k.startswith("eval/reference/")}
             summary["eval_reference"] = {k[len("eval/reference/"):]: v for k, v in ev.items() if k.startswith("eval/reference/")}
@@ -291,6 +307,7 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
         summary["wall_seconds"] = round(time.time() - t_start, 1)
         tracker.flush()
         summary["mlflow_values_lost"] = tracker.lost
+        monitor.finish()
         write_json_atomic(out_dir / "summary.json", summary)
         (out_dir / "config.yaml").write_text(to_yaml(Config.model_validate(safe_cfg)))
         tracker.call("summary.json", tracker.client.log_artifact, str(out_dir / "summary.json"))
@@ -308,5 +325,7 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
             tracker.call("run status", tracker.client.set_terminated, "FAILED")
         raise
     finally:
+        if monitor is not None:
+            monitor.finish()
         if started_ray:
             ray.shutdown()
