@@ -145,7 +145,8 @@ def run(cfg, tokenizer_path: str, rejects_copy: Path) -> Prepared:
     for f in files + eval_files:
         is_eval = f in eval_files
         digest = hash_file(f)
-        key = fingerprint("prepare", VERSION, digest, tok_key, cfg.data.max_length, cfg.data.prompt_budget,
+        # the name too: rows are named file:N, so a copy under another name must not reuse this file's rows
+        key = fingerprint("prepare", VERSION, digest, f.name, tok_key, cfg.data.max_length, cfg.data.prompt_budget,
                           "eval" if is_eval else ("train" if eval_files else cfg.data.eval_fraction),
                           cfg.data.columns_map, cfg.data.apply_chat_template)
         out = cache / "prepared" / key
@@ -231,10 +232,11 @@ def _stats(meta, ok, dup, keep_ids, files, eval_files) -> dict:
 
 
 def _file_stats(file, meta, kept, dup) -> dict:
-    """One input file's counts: rows_read = rows_used + rows_rejected + duplicates; the layouts of its used rows."""
+    """One input file's counts: rows_read = rows_used + rows_rejected + duplicates; the layouts of its valid rows."""
     rejected = ~meta.status.isin(["ok", "blank"])
     return {"file": str(file), "rows_read": int((meta.status != "blank").sum()), "rows_used": int(len(kept)),
-            "rows_rejected": int(rejected.sum()), "duplicates": int(len(dup)), "layouts": dict(Counter(kept.layout).most_common())}
+            "rows_rejected": int(rejected.sum()), "duplicates": int(len(dup)),
+            "layouts": dict(Counter(meta.layout[meta.status == "ok"]).most_common())}
 
 
 def _check_bad_fraction(cfg, s: dict, rejects_file: Path) -> None:

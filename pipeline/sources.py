@@ -83,7 +83,7 @@ def split_records(row: dict, kind: str) -> list[dict]:
     CRLF line ends dropped); array elements are written back as JSON. A file that does not parse is one FILE_ERROR row."""
     data: bytes = row["bytes"]
     path = row["path"]
-    if path.lower().endswith(".gz"):
+    if data.startswith(b"\x1f\x8b"):  # Ray's reader un-gzips .gz files itself; in case it did not
         data = gzip.decompress(data)
     data = data.removeprefix(b"\xef\xbb\xbf")
     if kind == "array":

@@ -40,13 +40,20 @@ def minimind_tokenizer():
     return load_tokenizer(str(path))
 
 
-@pytest.fixture(scope="session")
-def ray_local():
+def start_local_ray(num_cpus: int = 2):
+    """A Ray runtime of the tests' own, as the CLI starts one (address="local"): a plain ray.init() would attach to a
+    `ray start` cluster on this machine, or to the stale address a killed one left in <tmp>/ray/ray_current_cluster."""
     import ray
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    ray = start_local_ray()
     yield ray
     ray.shutdown()
 
