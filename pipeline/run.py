@@ -246,7 +246,7 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
         prepared = prepare.run(cfg, tokenizer_path, rejects_copy=out_dir / "rejects.jsonl")
         summary = {"output_dir": str(out_dir), "tracking_uri": uri, "reference_model_dir": reference_path,
                    "data": {**{k: prepared.stats[k] for k in ("rows_read", "rows_used", "rows_rejected", "duplicates", "blank_lines",
-                                                              "train_rows", "eval_rows", "truncated", "rejects_by_reason")},
+                                                              "train_rows", "eval_rows", "truncated", "rejects_by_reason", "layouts", "per_file")},
                             "rejects_file": str(out_dir / "rejects.jsonl"), "key": prepared.key, "hit": prepared.hit,
                             "files": [{"file": str(p.file), "prepared": str(p.path), "hit": p.hit} for p in prepared.parts]}}
         # retrain is a no-op when the data and config are as last time and the starting model is the one it
