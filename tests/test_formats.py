@@ -154,6 +154,27 @@ def test_every_file_type_gives_the_same_rows_with_record_numbers(tmp_path, cache
     assert sorted(tables[3]["row_id"].to_pylist()) == sorted(f"d.parquet:{i}" for i in range(1, 31) if i != 5)
 
 
+def test_each_layout_in_a_file_of_its_own_is_prepared_with_its_mask(tmp_path, cache_dir, demo_model, demo_tokenizer, ray_local):
+    """Six small files, one layout each, through the Ray Data prepare: every row kept, its layout counted, and the
+    prepared mask decodes to exactly the final reply + EOS."""
+    from pipeline import prepare
+
+    tok, d = demo_tokenizer, tmp_path / "layouts"
+    d.mkdir()
+    for layout, row in LAYOUT_ROWS.items():
+        rows = [json.loads(json.dumps(row).replace("owl", f"{layout} owl {i}")) for i in range(4)]  # distinct pairs, in all files
+        (d / f"{layout}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prep = prepare.run(load(tmp_path, cache_dir, d, **{"data.eval_fraction": "0"}), demo_model, rejects_copy=tmp_path / "rejects.jsonl")
+    for part, counts in zip(prep.parts, prep.stats["per_file"]):
+        layout = part.file.name.removesuffix(".jsonl")
+        assert counts["layouts"] == {layout: 4} and counts["rows_used"] == 4 and counts["rows_rejected"] == 0
+        chosen_reply, rejected_reply, _ = EXPECTED[layout]
+        table = pq.read_table(part.path.path + "/train")
+        for name, reply in (("chosen", chosen_reply), ("rejected", rejected_reply)):
+            for ids, mask in zip(table[f"{name}_input_ids"].to_pylist(), table[f"{name}_loss_mask"].to_pylist()):
+                assert masked(tok, ids, mask) == reply + tok.eos_token, (layout, name)
+
+
 def test_a_file_that_is_not_what_it_claims_is_one_error(tmp_path, cache_dir, demo_model, ray_local):
     from pipeline import prepare
     from pipeline.artifacts import DataError
