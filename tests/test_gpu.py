@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 pytestmark = pytest.mark.gpu
 TOL = {"fp32": 1e-5, "bf16": 1e-2}  # relative error of the logps, ||got - want|| / ||want||
 GRAD_TOL = {"fp32": 1e-4, "bf16": 5e-2}
+HIDDEN = 64  # 4 heads of 16: FlexAttention's CUDA kernels want head dims of 16 or more
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def _policy(model, path: str, head: str):
 def test_logps_on_device_equal_float64(device, arch, path, head, precision):
     from dpo_ray.forward import autocast
 
-    model = _tiny_model(arch)
+    model = _tiny_model(arch, HIDDEN)
     rows = _ragged_batch()
     want, want_counts = _alone_float64(model, rows)
     policy = _policy(copy.deepcopy(model), path, head).to(device)
@@ -62,7 +63,7 @@ def test_logps_on_device_equal_float64(device, arch, path, head, precision):
 
 
 def _float64_grads(rows):
-    model = _tiny_model().double().train()
+    model = _tiny_model(hidden=HIDDEN).double().train()
     policy = _policy(model, "padded", "full-head")
     logps, _ = policy(policy.collate(rows, pad_id=0))
     (logps * torch.linspace(-1, 1, len(logps), dtype=torch.float64)).sum().backward()
@@ -76,7 +77,7 @@ def test_gradients_on_device_equal_float64(device, path, precision):
 
     rows = _ragged_batch()
     want = _float64_grads(rows)
-    model = _tiny_model().train()
+    model = _tiny_model(hidden=HIDDEN).train()
     policy = _policy(model, path, "reply-head").to(device)
     with autocast(precision == "bf16", device):
         logps, _ = policy(policy.collate(rows, pad_id=0, device=device))

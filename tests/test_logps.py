@@ -48,9 +48,9 @@ def test_sequence_logps_chunked_and_bf16():
     torch.testing.assert_close(sequence_logps(logits.bfloat16(), ids, mask)[0].double(), ref, atol=1e-4, rtol=1e-6)
 
 
-def _tiny_model(arch: str = "llama"):
+def _tiny_model(arch: str = "llama", hidden: int = 32):
     torch.manual_seed(0)
-    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(vocab_size=97, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64)
     if arch == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common)).eval()  # attention bias on q/k/v, GQA
