@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.common import datasets, flops_model, model_dir, write_long  # noqa: E402
+from benchmarks.common import flops_model, model_dir, write_long  # noqa: E402
 
 PARTS = ("wheels", "tests", "e2e", "parity", "bench", "maxlen")
 
@@ -35,9 +35,10 @@ PARTS = ("wheels", "tests", "e2e", "parity", "bench", "maxlen")
 def sizes(device: str) -> dict:
     if device == "cuda":
         return {"model": os.environ.get("GPU_CHECK_MODEL", "qwen-0.5b"), "batch": 8, "max_length": 1024, "max_prompt_length": 512,
-                "warmup": 3, "steps": 10, "threads": 8, "e2e_steps": 6, "parity_pairs": 32, "lengths": [4096 * 2**i for i in range(6)]}
-    return {"model": "tiny", "batch": 2, "max_length": 256, "max_prompt_length": 128, "warmup": 1, "steps": 2, "threads": 2,
-            "e2e_steps": 2, "parity_pairs": 8, "lengths": [64, 128]}
+                "warmup": 3, "steps": 10, "threads": 8, "ref_batch": 64, "bench_pairs": 300, "e2e_steps": 6, "parity_pairs": 32, "lengths": [4096 * 2**i for i in range(6)]}
+    # CPU: FlexAttention runs its eager, dense implementation there (an N x N score matrix per head): small batches
+    return {"model": "tiny", "batch": 2, "max_length": 256, "max_prompt_length": 128, "warmup": 1, "steps": 2, "threads": 2, "ref_batch": 2, "bench_pairs": 40,
+            "e2e_steps": 2, "parity_pairs": 12, "lengths": [64, 128]}
 
 
 def save(work: Path, part: str, result: dict) -> None:
@@ -46,10 +47,16 @@ def save(work: Path, part: str, result: dict) -> None:
     print(json.dumps(result), flush=True)
 
 
+def _subset(work: Path, n: int) -> Path:
+    """The first n pairs of the long data set (sequences near 1024 tokens)."""
+    data = work / "data" / f"long-{n}.jsonl"
+    data.write_text("".join(write_long(work / "data" / "long.jsonl").read_text().splitlines(keepends=True)[:n]))
+    return data
+
+
 def e2e(args, s: dict) -> dict:
     model = model_dir(args.work, s["model"])
-    data = args.work / "data" / "e2e.jsonl"
-    data.write_text("".join(write_long(args.work / "data" / "long.jsonl").read_text().splitlines(keepends=True)[:160]))
+    data = _subset(args.work, 160)
     out = args.work / "e2e"
     sets = {"output_dir": out / "out", "cache_dir": out / "cache", "model.policy": model, "data.train": f"[{data}]",
             "data.max_length": s["max_length"], "data.max_prompt_length": s["max_prompt_length"], "data.eval_fraction": 0.1,
@@ -74,7 +81,7 @@ def parity(args, s: dict) -> dict:
     from benchmarks import parity as p
 
     model = model_dir(args.work, s["model"])
-    spec = {"model_dir": str(model), "tokenizer_dir": str(model), "data": str(datasets(args.work)["long"]), "pairs": s["parity_pairs"],
+    spec = {"model_dir": str(model), "tokenizer_dir": str(model), "data": str(_subset(args.work, s["parity_pairs"])), "pairs": s["parity_pairs"],
             "max_length": s["max_length"], "max_prompt_length": s["max_prompt_length"], "device": args.device, "bf16": True}
     out = {}
     for attention in ("sdpa", "flex"):
@@ -90,19 +97,18 @@ def bench(args, s: dict) -> dict:
     spec = {"model_dir": str(model), "tokenizer_dir": str(model), "batch_size": s["batch"], "max_length": s["max_length"],
             "max_prompt_length": s["max_prompt_length"], "steps": s["steps"], "warmup_steps": s["warmup"], "threads": s["threads"],
             "lr": 1e-4, "beta": 0.1, "seed": 0, "device": args.device, "bf16": args.device == "cuda",
-            "data": str(datasets(args.work)["long"])}
+            "data": str(_subset(args.work, s["bench_pairs"])), "reference_batch_size": s["ref_batch"]}
     fm = flops_model(model)
     out = {"model": s["model"], "params": fm["params"], "spec": spec, "peak": child("peak.py", spec), "rows": {}}
     for key in ("dpo-ray", "trl-pre", "dpo-ray-flex", "trl"):  # most wanted first: the part has a time limit
         script, extra = TRAIN_ROWS[key]
         try:
             r = child(script, {**spec, **extra})
+            r["mfu"] = mfu(r, fm, out["peak"]["flops_per_s"])
+            if "ref_seconds" in r:
+                r["ref_mfu"] = mfu(r, fm, out["peak"]["flops_per_s"], forward=True)
         except SystemExit as e:  # a failed row is reported, the others still run
-            out["rows"][key] = {"error": str(e)[-1500:]}
-            continue
-        r["mfu"] = mfu(r, fm, out["peak"]["flops_per_s"])
-        if "ref_seconds" in r:
-            r["ref_mfu"] = mfu(r, fm, out["peak"]["flops_per_s"], forward=True)
+            r = {"error": str(e)[-1500:]}
         out["rows"][key] = r
         save(args.work, "bench", out)
     return out
@@ -186,7 +192,7 @@ def table(args) -> str:
         ours = max((m[k].get("longest") or 0 for k in ("dpo-ray-sdpa", "dpo-ray-flex") if k in m), default=0)
         if m.get("trl-pre", {}).get("longest"):
             checks.append(("longest max_length at batch 1 >= 2x TRL", ours / m["trl-pre"]["longest"], 2, True))
-    if checks:
+    if checks and args.device == "cuda":  # on the CPU dry run the figures only show that the code runs
         lines += ["", "Targets", ""] + [f"- {t}: {got:.2f} — {'met' if (got >= want if hi else got <= want) else 'NOT met'}"
                                         for t, got, want, hi in checks]
     text = "\n".join(lines)

@@ -13,6 +13,7 @@ python benchmarks/max_length.py '<spec json>'   spec: row, model_dir, lengths, d
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,7 +75,7 @@ def trl_probe(spec: dict):
                                     "rejected": prompt + [{"role": "assistant", "content": text(L, 5000)}]}) + "\n")
         r = trl_row.run({"model_dir": spec["model_dir"], "tokenizer_dir": spec["model_dir"], "data": str(data), "batch_size": 1,
                          "warmup_steps": 1, "steps": 1, "max_length": L, "max_prompt_length": L // 2, "lr": 1e-6, "beta": 0.1,
-                         "threads": 8, "precompute_ref": True, "device": spec["device"], "bf16": spec["device"] == "cuda"})
+                         "threads": min(8, os.cpu_count() or 1), "precompute_ref": True, "device": spec["device"], "bf16": spec["device"] == "cuda"})
         got = max(rec["positions"] for rec in trl_row._LAST["records"]) // 2  # longest padded sequence TRL ran
         if got != L:
             raise RuntimeError(f"TRL ran sequences of {got} tokens, not {L}: the probe's text is too short")
