@@ -164,7 +164,7 @@ def table(args) -> str:
     rows = {k: r for k, r in b.get("rows", {}).items() if "error" not in r}
     if b:
         lines += ["", f"Training rows ({b['model']}, batch {b['spec']['batch_size']}, max_length {b['spec']['max_length']}; "
-                      f"peak {b['peak']['flops_per_s'] / 1e12:,.0f} TFLOP/s, {b['peak']['name']})", "",
+                      f"peak {b['peak']['flops_per_s'] / 1e12:,.1f} TFLOP/s, {b['peak']['name']})", "",
                   "| row | tokens/s | MFU | peak GPU MB | reference tokens/s |", "|---|---:|---:|---:|---:|"]
         for k, r in b.get("rows", {}).items():
             if "error" in r:
