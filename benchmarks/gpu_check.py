@@ -118,7 +118,7 @@ def maxlen(args, s: dict) -> dict:
     model = model_dir(args.work, s["model"])
     out = {"model": s["model"], "lengths": s["lengths"], "rows": {}}
     cuda = args.device == "cuda"
-    for row, limit in (("dpo-ray-flex", 25), ("trl-pre", 30), ("dpo-ray-sdpa", 15)):  # seconds per row on CUDA
+    for row, limit in (("dpo-ray-flex", 35), ("trl-pre", 25), ("dpo-ray-sdpa", 10)):  # seconds per row on CUDA (flex compiles first)
         limit = limit if cuda else 300
         spec = {"row": row, "model_dir": str(model), "lengths": s["lengths"], "device": args.device, "work": str(args.work)}
         cmd = [sys.executable, str(HERE / "max_length.py"), json.dumps(spec)]
