@@ -34,6 +34,7 @@ def _config(spec: dict, work: Path, **extra):
         "train.weight_decay": "0.0", "train.warmup_ratio": "0.0", "train.torch_threads": str(spec["threads"]),
         "train.checkpoint_every": "1000000", "train.log_every": "10", "train.grad_accum_steps": "1",
         "train.bf16": str(bool(spec.get("bf16"))).lower(), "train.use_gpu": str(spec.get("device", "cpu") == "cuda").lower(),
+        "train.attention": spec.get("attention", "sdpa"),
         "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
     }
     sets.update(extra)
@@ -102,7 +103,7 @@ def train(spec: dict) -> dict:
 
     rows, ref_tokens = _prepared_counts(work / "cache")
     ray.shutdown()
-    return {"name": "dpo-ray (Ray Train worker, packed pairs)", "steps": len(measured), "pairs": len(measured) * spec["batch_size"],
+    return {"name": f"dpo-ray (Ray Train worker, packed pairs, {spec.get('attention', 'sdpa')} attention)", "steps": len(measured), "pairs": len(measured) * spec["batch_size"],
             "peak_gpu_mb": max(hist["gpu_peak_memory_mb"].values(), default=None),
             "tokens": round(tokens), "positions": None, "padding_fraction": 0.0, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "pairs_per_s": len(measured) * spec["batch_size"] / seconds, "peak_rss_mb": peak, "loss_first": hist["loss"].get(1),

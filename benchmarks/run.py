@@ -31,6 +31,7 @@ from benchmarks.common import (MODELS, datasets, flops_model, forward_flops_per_
 
 TRAIN_ROWS = {  # key -> (script, extra spec)
     "dpo-ray": ("dpo_ray_rows.py train", {}),
+    "dpo-ray-flex": ("dpo_ray_rows.py train", {"attention": "flex"}),  # FlexAttention for the packed pairs
     "seed": ("seed_loop.py", {}),
     "trl": ("trl_row.py", {"precompute_ref": False}),
     "trl-pre": ("trl_row.py", {"precompute_ref": True}),
@@ -155,7 +156,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-prompt-length", type=int, default=256)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--repeats", type=int, default=1, help="runs of each training row (interleaved); the median is reported")
-    ap.add_argument("--data", default="demo,skewed", help="data sets: demo, skewed, or paths of JSONL files (chat format)")
+    ap.add_argument("--data", default="demo,skewed", help="data sets: demo, skewed, long (near 1024 tokens), or paths of JSONL files (chat format)")
     ap.add_argument("--prep-rows", type=int, default=12000, help="lines of skewed data for the data-prep rows")
     ap.add_argument("--rows", default="dpo-ray,seed,trl,trl-pre")
     ap.add_argument("--work", default=str(HERE / ".work"), help="model, data and caches")

@@ -103,6 +103,8 @@ class TrainConfig(_Strict):
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     bf16: bool | Literal["auto"] = "auto"  # bf16 autocast, fp32 master weights; auto: on CUDA and on CPUs with native bf16
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, the forward runs twice
+    attention: Literal["sdpa", "flex"] = "sdpa"  # packed-pair attention, also for reference and eval scoring: sdpa (a dense
+    # mask per block of pairs) or flex (FlexAttention, one block mask per batch; compiled on CUDA, eager and slow on CPU)
     checkpoint_every: int = Field(100, ge=1)  # optimizer steps between Ray Train checkpoints
     log_every: int = Field(10, ge=1)
     max_failures: int = Field(0, ge=0)  # worker-group restarts from the last checkpoint

@@ -4,16 +4,31 @@ Two costs of the plain computation are removed here:
 - padding: pairs are packed into one row (packing.pack_pairs), the prompt computed once per pair;
   models that cannot take the packed attention get length-padded batches (packing.pad_pairs);
 - the LM head: it runs only on the positions that predict a reply token, so most of the
-  (T x hidden x vocab) head is skipped and no full (B, T, V) logits are built.
+  (T x hidden x vocab) head is skipped and no full (B, T, V) logits are built; it runs a chunk of positions at a
+  time (logps.linear_logps), so not even the (N, V) logits of the reply positions exist at once.
 Models whose head is more than a Linear (logit soft-capping, scaling) take the full-logits path.
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 
 from . import packing
-from .logps import gather_sums, token_logps
+from .logps import gather_sums, linear_logps, token_logps
+
+
+def use_bf16(setting, device) -> bool:
+    """train.bf16 -> whether the policy computes in bf16 autocast (over fp32 weights). The reference and evaluation
+    scorers follow the same setting, so that the reference reads the policy's own numbers at step 1."""
+    if setting != "auto":
+        return bool(setting)
+    return torch.device(device).type == "cuda" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast(bf16: bool, device):
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def _head_is_plain_linear(model) -> bool:
@@ -37,16 +52,19 @@ def supports_packing(model) -> bool:
 class PolicyLogps(nn.Module):
     """Wraps a causal LM so that DDP/FSDP see one forward: a batch from `collate` -> (logps (2B,), counts (2B,))."""
 
-    def __init__(self, model: nn.Module, reply_only_head: bool = True, packed: bool = True):
+    def __init__(self, model: nn.Module, reply_only_head: bool = True, packed: bool = True, attention: str = "sdpa"):
         super().__init__()
         self.model = model
         self.reply_only_head = reply_only_head and _head_is_plain_linear(model)
         self.packed = packed and supports_packing(model)
+        if attention not in packing.ATTENTIONS:
+            raise ValueError(f"train.attention {attention!r}: choose one of {packing.ATTENTIONS}")
+        self.attention = attention  # packed kernel: "sdpa" (a dense mask per block of pairs) or "flex" (FlexAttention)
         if self.packed:
             model.set_attn_implementation(packing.register())  # plain SDPA for any call that is not a packed batch
 
     def collate(self, rows: dict, pad_id: int, device=None) -> dict:
-        batch = packing.pack_pairs(rows) if self.packed else packing.pad_pairs(rows, pad_id)
+        batch = packing.pack_pairs(rows, self.attention) if self.packed else packing.pad_pairs(rows, pad_id)
         return packing.to_device(batch, device) if device is not None else batch
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,11 +72,15 @@ class PolicyLogps(nn.Module):
         kwargs = {"input_ids": ids, "position_ids": batch["position_ids"], "use_cache": False}
         if batch["attn_blocks"] is not None:
             kwargs.update(attention_mask=packing.placeholder_mask(ids.device), attn_blocks=batch["attn_blocks"])
+        elif batch.get("flex_index") is not None:  # one block mask per batch, shared by every layer
+            kwargs.update(attention_mask=packing.placeholder_mask(ids.device), flex_mask=packing.flex_block_mask(batch["flex_index"]))
         else:
             kwargs["attention_mask"] = batch["attention_mask"]
         if self.reply_only_head:
             hidden = self.model.get_decoder()(**kwargs).last_hidden_state  # (R, T, H)
-            logits = self.model.get_output_embeddings()(hidden.flatten(0, 1)[batch["score_pos"]])  # (N, V): scored positions only
+            head = self.model.get_output_embeddings()
+            per_token = linear_logps(hidden.flatten(0, 1)[batch["score_pos"]], head.weight, head.bias, batch["score_target"])
         else:
             logits = self.model(**kwargs).logits.flatten(0, 1)[batch["score_pos"]]
-        return gather_sums(token_logps(logits, batch["score_target"]), batch["score_seq"], batch["n_seqs"])
+            per_token = token_logps(logits, batch["score_target"])
+        return gather_sums(per_token, batch["score_seq"], batch["n_seqs"])

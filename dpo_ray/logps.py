@@ -7,6 +7,8 @@ tokens, never reaches log-softmax, and no full (B, T, V) float32 log_softmax cop
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 CHUNK_TOKENS = 1024  # rows of (N, V) upcast to fp32 at a time: bounds the extra memory to CHUNK_TOKENS * V * 4 bytes
 
@@ -22,6 +24,26 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         t = targets[start : start + CHUNK_TOKENS]
         out.append(x.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1))
     return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+
+
+def _linear_logps(hidden, weight, bias, targets):
+    return token_logps(F.linear(hidden, weight, bias), targets)
+
+
+def linear_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+    """token_logps of the LM head `hidden @ weight.T + bias`, CHUNK_TOKENS rows at a time: hidden (N, H) -> (N,) fp32.
+
+    No (N, V) logits are ever held at once, in forward or backward: with grad, every chunk but the last is
+    checkpointed (only its (n, H) hidden rows are kept; its logits are recomputed in backward, one chunk at a time),
+    so the head costs at most one chunk of logits (CHUNK_TOKENS x V, bf16 and its fp32 copy) beyond the hidden rows.
+    """
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    out, n = [], hidden.shape[0]
+    for start in range(0, n, CHUNK_TOKENS):
+        args = (hidden[start : start + CHUNK_TOKENS], weight, bias, targets[start : start + CHUNK_TOKENS])
+        last = start + CHUNK_TOKENS >= n
+        out.append(checkpoint(_linear_logps, *args, use_reentrant=False) if grad and not last else _linear_logps(*args))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def reply_positions(loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,12 +10,16 @@ Either layout comes out as one dict the model wrapper (forward.PolicyLogps) take
   input_ids (R, T), attention_mask (R, T) or None, position_ids (R, T) or None,
   score_pos (N,) flat index into R*T of the positions whose logits are scored,
   score_target (N,) the token each of them predicts, score_seq (N,) its sequence (chosen 0..B-1, rejected B..2B-1),
-  attn_blocks (packed only): (start, length, (L, L) bool mask) per block of consecutive pairs.
+  attn_blocks (packed, attention "sdpa"): (start, length, (L, L) bool mask) per block of consecutive pairs;
+  flex_index (packed, attention "flex"): (3, N) int32 per position: its pair, and the start and end of the
+      chosen reply span it must not see (empty for chosen positions) -> flex_block_mask().
 Plus plain numbers for throughput accounting: tokens (real sequence tokens, chosen + rejected, the same
 for both layouts) and positions (token positions the model runs, padding included).
 Pure torch: no Ray, no MLflow.
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 
 ATTENTION = "dpo_ray_packed"  # the transformers attention implementation name registered below
 BLOCK_TOKENS = 192  # packed positions per attention call (a longer pair gets a call of its own)
+ATTENTIONS = ("sdpa", "flex")  # packed kernels: SDPA per block with a dense mask; FlexAttention with a block mask
 
 
 def shared_prefix(chosen: np.ndarray, rejected: np.ndarray) -> int:
@@ -75,12 +80,17 @@ def pad_pairs(batch: dict, pad_id: int) -> dict:
         seq.append(np.full(len(p), i))
     tokens = int(attn.sum())
     return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn), "position_ids": None,
-            **_scores(pos, tgt, seq), "attn_blocks": None, "n_seqs": len(seqs), "tokens": tokens, "positions": ids.size,
+            **_scores(pos, tgt, seq), "attn_blocks": None, "flex_index": None, "n_seqs": len(seqs), "tokens": tokens, "positions": ids.size,
             **_refs(batch)}
 
 
-def pack_pairs(batch: dict) -> dict:
-    """Rows of ragged chosen/rejected lists -> one packed (1, N) row with the prompt shared inside each pair."""
+def pack_pairs(batch: dict, attention: str = "sdpa") -> dict:
+    """Rows of ragged chosen/rejected lists -> one packed (1, N) row with the prompt shared inside each pair.
+
+    attention "sdpa": per-block dense masks (attn_blocks); "flex": per-position indices for a FlexAttention block mask.
+    """
+    if attention not in ATTENTIONS:
+        raise ValueError(f"packed attention {attention!r}: choose one of {ATTENTIONS}")
     ci, ri, cm, rm = _arrays(batch)
     B = len(ci)
     ids, positions, pos, tgt, seq, layout = [], [], [], [], [], []
@@ -98,9 +108,11 @@ def pack_pairs(batch: dict) -> dict:
         layout.append((off, len(c), s, tail))
         off += len(c) + tail
         tokens += len(c) + len(r)
+    flex = attention == "flex"
     return {"input_ids": torch.from_numpy(np.concatenate(ids))[None], "attention_mask": None,
             "position_ids": torch.from_numpy(np.concatenate(positions))[None], **_scores(pos, tgt, seq),
-            "attn_blocks": attention_blocks(layout), "n_seqs": 2 * B, "tokens": tokens, "positions": off, **_refs(batch)}
+            "attn_blocks": None if flex else attention_blocks(layout), "flex_index": flex_index(layout) if flex else None,
+            "n_seqs": 2 * B, "tokens": tokens, "positions": off, **_refs(batch)}
 
 
 def attention_blocks(layout: list[tuple[int, int, int, int]], budget: int | None = None) -> list[tuple[int, int, torch.Tensor]]:
@@ -134,6 +146,31 @@ def attention_blocks(layout: list[tuple[int, int, int, int]], budget: int | None
     return blocks
 
 
+def flex_index(layout: list[tuple[int, int, int, int]]) -> torch.Tensor:
+    """(3, N) int32: each position's pair, and the [start, end) of the chosen positions it may not attend to
+    (a rejected tail skips the chosen reply, i.e. chosen positions s..lc-1 of its pair; chosen positions skip none)."""
+    n = layout[-1][0] + layout[-1][1] + layout[-1][3]
+    out = np.zeros((3, n), dtype=np.int32)
+    for i, (off, lc, s, tail) in enumerate(layout):
+        out[0, off : off + lc + tail] = i
+        out[1:, off + lc : off + lc + tail] = [[off + s], [off + lc]]
+    return torch.from_numpy(out)
+
+
+def flex_block_mask(index: torch.Tensor):
+    """The FlexAttention BlockMask of a packed row from its flex_index (on the index's device): same pair, causal,
+    outside the hole. Built with the compiled builder on CUDA (no (N, N) mask is ever materialised), eagerly on CPU."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    pair, hole_start, hole_end = index.unbind(0)
+
+    def mask_mod(b, h, q, kv):
+        return (pair[q] == pair[kv]) & (kv <= q) & ((kv < hole_start[q]) | (kv >= hole_end[q]))
+
+    n = index.shape[1]
+    return create_block_mask(mask_mod, None, None, n, n, device=index.device, _compile=index.is_cuda)
+
+
 def _scores(pos, tgt, seq) -> dict:
     cat = lambda xs: torch.from_numpy(np.concatenate(xs).astype(np.int64))  # noqa: E731
     return {"score_pos": cat(pos), "score_target": cat(tgt), "score_seq": cat(seq)}
@@ -146,17 +183,58 @@ def to_device(batch: dict, device) -> dict:
     return out
 
 
-def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, attn_blocks=None, **kwargs):
-    """transformers attention function for packed pairs; without attn_blocks it is plain SDPA attention.
+_compiled_flex = None
 
-    query (1, H, N, D), key/value (1, Hkv, N, D) -> (1, N, H, D): one SDPA call per block of pairs, with the
-    block's mask (each chosen sequence causal over itself; each rejected tail over the shared prefix and itself).
+
+def flex(query, key, value, block_mask, scale=None, enable_gqa=False):
+    """flex_attention with a block mask: compiled on CUDA (built once; uncompiled it would run a dense path), and
+    on CPU FlexAttention's own eager (dense) implementation, for equality tests and dry runs."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if query.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention)
+        return _compiled_flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return _flex_eager_with_grad(query, key, value, block_mask, scale)
+    with warnings.catch_warnings():  # "called without torch.compile()": on CPU that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def _flex_eager_with_grad(query, key, value, block_mask, scale):
+    """The public flex_attention refuses a backward on CPU; its higher-order op, called eagerly, has one (dense, the
+    same math the public call runs forward). Private API: used on CPU only, never on the CUDA path."""
+    from torch._higher_order_ops.flex_attention import flex_attention as flex_hop
+    from torch.nn.attention.flex_attention import _apply_kernel_options
+
+    options = _apply_kernel_options(query, key, value, False, None, None)
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    out, _, _ = flex_hop(query, key, value, _no_score_mod, block_mask.as_tuple(), scale, options)
+    return out
+
+
+def _no_score_mod(score, b, h, q, kv):
+    return score
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, attn_blocks=None, flex_mask=None,
+                     **kwargs):
+    """transformers attention function for packed pairs; without attn_blocks or flex_mask it is plain SDPA attention.
+
+    query (1, H, N, D), key/value (1, Hkv, N, D) -> (1, N, H, D). With attn_blocks: one SDPA call per block of pairs,
+    with the block's mask (each chosen sequence causal over itself; each rejected tail over the shared prefix and
+    itself). With flex_mask: one FlexAttention call over the whole row with that block mask (the same rule).
     """
+    gqa = query.shape[1] != key.shape[1]
+    if flex_mask is not None:
+        out = flex(query, key, value, block_mask=flex_mask, scale=scaling, enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
     if attn_blocks is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    gqa = query.shape[1] != key.shape[1]
     outs = [F.scaled_dot_product_attention(query[:, :, a : a + n], key[:, :, a : a + n], value[:, :, a : a + n], attn_mask=mask,
                                            scale=scaling, enable_gqa=gqa) for a, n, mask in attn_blocks]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None

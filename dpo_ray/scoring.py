@@ -1,7 +1,10 @@
 """LogpsScorer: a Ray Data actor class that adds `<prefix>chosen_logps` / `<prefix>rejected_logps` columns.
 
 Used by the reference stage (prefix "ref_") and by evaluation (prefix "policy_"). The model is loaded
-once per actor and kept across batches; forward only, under inference_mode; bf16 on GPU, fp32 on CPU.
+once per actor and kept across batches; forward only, under inference_mode, in the policy's own numerics:
+fp32 weights, and bf16 autocast where training uses it (train.bf16), through the same PolicyLogps forward.
+So at step 1 the policy reads the reference's numbers up to batch-shape rounding: rewards and margins
+start at zero and the loss at ln 2 (with bf16 weights instead, the two would differ by bf16 weight rounding).
 """
 from __future__ import annotations
 
@@ -11,30 +14,36 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .forward import PolicyLogps
+from .forward import PolicyLogps, autocast
 from .model import load_model, load_tokenizer
 
 
-def scoring_dtype(use_gpu: bool) -> torch.dtype:
-    return torch.bfloat16 if use_gpu else torch.float32
+def scoring_precision(bf16: bool) -> str:
+    """Part of the reference cache key: log-probs computed one way are not reused for another."""
+    return "fp32-weights+bf16-autocast" if bf16 else "fp32"
 
 
 class LogpsScorer:
     def __init__(self, model_path: str, tokenizer_path: str, prefix: str, trust_remote_code: bool = False, threads: int | None = None,
-                 token: str | None = None):
+                 token: str | None = None, bf16: bool = False, attention: str = "sdpa"):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(threads or os.cpu_count() or 1)
-        dtype = scoring_dtype(self.device.type == "cuda")
-        self.model = PolicyLogps(load_model(model_path, trust_remote_code, dtype=dtype, token=token)).to(self.device).eval()
+        model = load_model(model_path, trust_remote_code, dtype=torch.float32, token=token)
+        self.model = PolicyLogps(model, attention=attention).to(self.device).eval()
+        self.precision = autocast(bf16, self.device)
         self.pad_id = load_tokenizer(tokenizer_path, trust_remote_code, token).pad_token_id
         self.prefix = prefix
 
+    def logps(self, cols: dict) -> torch.Tensor:
+        """(2B,) float32 on the CPU, order [chosen; rejected], from rows of token ids and loss masks."""
+        with torch.inference_mode(), self.precision:
+            logps, _ = self.model(self.model.collate(cols, self.pad_id, self.device))
+        return logps.float().cpu()
+
     def __call__(self, table: pa.Table) -> pa.Table:
         cols = {k: table.column(k).to_pylist() for k in ("chosen_input_ids", "rejected_input_ids", "chosen_loss_mask", "rejected_loss_mask")}
-        with torch.inference_mode():
-            logps, _ = self.model(self.model.collate(cols, self.pad_id, self.device))
-        logps = logps.float().cpu().numpy().astype(np.float32)
+        logps = self.logps(cols).numpy().astype(np.float32)
         n = table.num_rows
         table = table.append_column(f"{self.prefix}chosen_logps", pa.array(logps[:n], type=pa.float32()))
         return table.append_column(f"{self.prefix}rejected_logps", pa.array(logps[n:], type=pa.float32()))

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .config import Config
-from .forward import PolicyLogps
+from .forward import PolicyLogps, autocast, use_bf16
 from .losses import dpo_loss
 from .metrics import dpo_metrics
 from .model import enable_activation_checkpointing, load_model
@@ -40,12 +40,6 @@ def lr_at(step: int, total: int, cfg) -> float:
         return cfg.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def use_bf16(setting, device: torch.device) -> bool:
-    if setting != "auto":
-        return bool(setting)
-    return device.type == "cuda" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def load_rows(shard) -> dict[str, list]:
@@ -103,13 +97,13 @@ def train_loop_per_worker(config: dict) -> None:
     model = load_model(config["policy_path"], cfg.model.trust_remote_code, token=cfg.model.hf_token)
     if t.gradient_checkpointing:  # for long sequences: each decoder layer's activations recomputed in backward
         enable_activation_checkpointing(model)
-    wrapper = PolicyLogps(model)  # packed pairs (prompt once per pair, no padding) when the model's attention allows it
+    wrapper = PolicyLogps(model, attention=t.attention)  # packed pairs (prompt once per pair, no padding) when the model's attention allows it
     policy = ray.train.torch.prepare_model(wrapper)  # DDP on >1 worker; moves to device
     # the fused kernel: one call updates every parameter (on a small model about twice as fast a step as foreach)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
                                   **({"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}))
     bf16 = use_bf16(t.bf16, device)
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    precision = autocast(bf16, device)  # the reference and evaluation scorers compute the same way (dpo_ray.scoring)
     start_step, loss_first = 0, None
     ckpt = ray.train.get_checkpoint()
     if ckpt:
@@ -120,7 +114,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         log.info("train: %d pairs, %d workers x %d pairs x %d accumulation = %d pairs/step, %d steps/epoch, %d steps, "
                  "batches %s%s, precision %s", n_pairs, world, bs, accum, pairs_per_step, steps_per_epoch, total_steps,
-                 "packed (prompt once per pair, no padding)" if wrapper.packed else "padded to the longest sequence",
+                 f"packed (prompt once per pair, no padding; {t.attention} attention)" if wrapper.packed else "padded to the longest sequence",
                  ", activation checkpointing" if t.gradient_checkpointing else "",
                  "bf16 autocast" if bf16 else "fp32 (set train.bf16=true to force bf16; this CPU has no native bf16)" if device.type == "cpu" else "fp32")
 
@@ -144,7 +138,7 @@ def train_loop_per_worker(config: dict) -> None:
             tokens += batch["tokens"]  # real tokens of the chosen and rejected sequences (prompt counted in both)
             sync = policy.no_sync() if world > 1 and micro < accum - 1 else nullcontext()  # all-reduce once per step
             with sync:
-                with autocast:
+                with precision:
                     logps, counts = policy(batch)  # (2B,) order [chosen; rejected]
                 pc, pr, lc, lr_ = logps[:bs], logps[bs:], counts[:bs], counts[bs:]
                 losses, cr, rr = dpo_loss(pc, pr, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=t.beta,

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dpo_ray.forward import use_bf16
 from dpo_ray.model import fingerprint_model
-from dpo_ray.scoring import LogpsScorer, scoring_dtype
+from dpo_ray.scoring import LogpsScorer, scoring_precision
 
 from .artifacts import DONE, complete_dir, completed, fingerprint, is_complete
 from .prepare import Prepared
@@ -62,15 +63,21 @@ def read_split(parts: list[Location], split: str, drop_ids: list[str] = ()):
     return ds
 
 
+def scoring_bf16(cfg, use_gpu: bool) -> bool:
+    """Whether scoring runs in bf16 autocast: exactly when training does (train.bf16 on the training device)."""
+    return use_bf16(cfg.train.bf16, "cuda" if use_gpu else "cpu")
+
+
 def score(ds, model_path: str, tokenizer_path: str, prefix: str, cfg, use_gpu: bool):
-    """Ray Data: add <prefix>chosen/rejected_logps on an actor pool (1 GPU per actor when used)."""
+    """Ray Data: add <prefix>chosen/rejected_logps on an actor pool (1 GPU per actor when used), in the policy's numerics."""
     import ray
 
     r = cfg.reference
     return ds.map_batches(
         LogpsScorer,
         fn_constructor_kwargs=dict(model_path=model_path, tokenizer_path=tokenizer_path, prefix=prefix,
-                                   trust_remote_code=cfg.model.trust_remote_code, token=cfg.model.hf_token),
+                                   trust_remote_code=cfg.model.trust_remote_code, token=cfg.model.hf_token,
+                                   bf16=scoring_bf16(cfg, use_gpu), attention=cfg.train.attention),
         batch_format="pyarrow", batch_size=r.batch_size,
         compute=ray.data.ActorPoolStrategy(size=r.num_actors),
         num_cpus=r.cpus_per_actor, num_gpus=1 if use_gpu else 0,
@@ -86,7 +93,7 @@ def run(cfg, prepared: Prepared, reference_path: str, tokenizer_path: str, use_g
     cache = open_location(cfg.cache_dir)
     parts, hits = [], []
     for part in prepared.parts:
-        key = fingerprint("reference", VERSION, part.key, model_key, str(scoring_dtype(use_gpu)))
+        key = fingerprint("reference", VERSION, part.key, model_key, scoring_precision(scoring_bf16(cfg, use_gpu)))
         out = cache / "reference" / key
         parts.append(out)
         hits.append(is_complete(out))

@@ -48,9 +48,9 @@ def test_sequence_logps_chunked_and_bf16():
     torch.testing.assert_close(sequence_logps(logits.bfloat16(), ids, mask)[0].double(), ref, atol=1e-4, rtol=1e-6)
 
 
-def _tiny_model(arch: str = "llama"):
+def _tiny_model(arch: str = "llama", hidden: int = 32):
     torch.manual_seed(0)
-    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(vocab_size=97, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64)
     if arch == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common)).eval()  # attention bias on q/k/v, GQA
@@ -91,15 +91,16 @@ def _alone_float64(model, rows):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("packed", ["packed", "packed-small-blocks", "padded"])
+@pytest.mark.parametrize("packed", ["packed", "packed-small-blocks", "packed-flex", "padded"])
 @pytest.mark.parametrize("reply_only_head", [True, False], ids=["reply-head", "full-head"])
 def test_every_fast_path_equals_plain_float64(arch, packed, reply_only_head, monkeypatch):
     if packed == "packed-small-blocks":  # attention blocks of a few pairs and of one long pair alone
         monkeypatch.setattr(packing, "BLOCK_TOKENS", 24)
+    attention = "flex" if packed == "packed-flex" else "sdpa"
     packed = packed != "padded"
     model = _tiny_model(arch)
     rows = _ragged_batch()
-    policy = PolicyLogps(model, reply_only_head=reply_only_head, packed=packed)
+    policy = PolicyLogps(model, reply_only_head=reply_only_head, packed=packed, attention=attention)
     assert policy.packed == packed and policy.reply_only_head == reply_only_head
     batch = policy.collate(rows, pad_id=0)
     with torch.no_grad():
@@ -109,7 +110,10 @@ def test_every_fast_path_equals_plain_float64(arch, packed, reply_only_head, mon
     assert counts.tolist() == want_counts
     seqs = rows["chosen_input_ids"] + rows["rejected_input_ids"]
     assert batch["tokens"] == sum(len(s) for s in seqs)
-    if packed:  # no padding, and the shared prefixes are computed once
+    if packed and attention == "flex":  # one row, no dense mask; the block mask's rule is checked in test_flex_block_mask
+        assert batch["attn_blocks"] is None and batch["flex_index"].shape == (3, batch["positions"])
+        assert batch["input_ids"].shape[0] == 1 and batch["positions"] == batch["input_ids"].shape[1] < batch["tokens"]
+    elif packed:  # no padding, and the shared prefixes are computed once
         sizes = [n for _, n, _ in batch["attn_blocks"]]
         assert sizes == [batch["positions"]] if packing.BLOCK_TOKENS > 100 else (len(sizes) >= 4 and max(sizes) > packing.BLOCK_TOKENS)
         assert batch["input_ids"].shape[0] == 1 and batch["positions"] == batch["input_ids"].shape[1] < batch["tokens"]
@@ -117,7 +121,48 @@ def test_every_fast_path_equals_plain_float64(arch, packed, reply_only_head, mon
         assert batch["positions"] == batch["input_ids"].numel() > batch["tokens"]
 
 
-def test_packed_gradients_match_padded_plain_path():
+def test_flex_block_mask_is_the_dense_mask():
+    """The FlexAttention rule, evaluated densely, equals the SDPA path's per-block boolean masks (one block here)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    rows = _ragged_batch()
+    dense = packing.pack_pairs(rows, "sdpa")
+    index = packing.pack_pairs(rows, "flex")["flex_index"]
+    (_, n, want), = dense["attn_blocks"]
+    block_mask = packing.flex_block_mask(index)
+    got = create_mask(block_mask.mask_mod, None, None, n, n, device="cpu")[0, 0]
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert block_mask.shape[-2:] == (n, n)
+
+
+@pytest.mark.parametrize("chunk", [1024, 5], ids=["one-chunk", "many-chunks"])
+def test_reply_head_keeps_at_most_one_chunk_of_logits(chunk, monkeypatch):
+    """The reply-only head's gradient equals a plain (N, V) computation's, and what it saves for backward holds
+    no (N, V) tensor when the reply spans several chunks: logits are recomputed one chunk at a time."""
+    import dpo_ray.logps as L
+
+    monkeypatch.setattr(L, "CHUNK_TOKENS", chunk)
+    g = torch.Generator().manual_seed(3)
+    N, H, V = 23, 16, 301
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64).requires_grad_()
+    head = torch.nn.Linear(H, V, bias=True).double()
+    targets = torch.randint(0, V, (N,), generator=g)
+    weights = torch.linspace(-1, 1, N, dtype=torch.float64)
+    plain = torch.log_softmax(head(hidden), -1).gather(-1, targets[:, None]).squeeze(-1)
+    want = torch.autograd.grad((plain * weights).sum(), [hidden, head.weight, head.bias])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.data_ptr(), t.shape)) or t, lambda t: t):
+        got_logps = L.linear_logps(hidden, head.weight, head.bias, targets)
+    got = torch.autograd.grad((got_logps * weights).sum(), [hidden, head.weight, head.bias])
+    torch.testing.assert_close(got_logps, plain.float(), atol=1e-5, rtol=1e-6)  # fp32 log-softmax of float64 logits
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    logits_kept = sum(s.numel() for _, s in set(saved) if len(s) == 2 and s[1] == V and s[0] != H)  # distinct (n, V) tensors: not W.T
+    assert 0 < logits_kept <= min(chunk, N) * V, (saved, chunk)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_packed_gradients_match_padded_plain_path(attention):
     """Packed + reply-only head, with and without gradient checkpointing, against the padded full-logits path."""
     rows = _ragged_batch()
     grads, saved = [], []
@@ -125,7 +170,7 @@ def test_packed_gradients_match_padded_plain_path():
         model = _tiny_model().train()
         if checkpointing:
             enable_activation_checkpointing(model)
-        policy = PolicyLogps(model, reply_only_head=fast, packed=packed)
+        policy = PolicyLogps(model, reply_only_head=fast, packed=packed, attention=attention)
         kept = []  # bytes the forward saves for backward
 
         def keep(t):
