@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 
 
-def dpo_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps, *, tie_tolerance: float = 0.0) -> dict[str, float]:
+def dpo_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps, *, tie_tolerance=0.0) -> dict[str, float]:
     """Means over pairs, under TRL's names (without the train/ or eval/ prefix).
 
     `rewards/accuracies` counts a pair as 1 when chosen_reward > rejected_reward and as 0.5 when the
-    margin is within `tie_tolerance` (so the reference scored against itself reads 0.5, not 0).
+    margin is within `tie_tolerance` (a number, or one per pair) (so the reference scored against itself reads 0.5, not 0).
     """
     margins = (chosen_rewards - rejected_rewards).double()
     ties = margins.abs() <= tie_tolerance

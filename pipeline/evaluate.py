@@ -13,10 +13,13 @@ import torch
 from dpo_ray.losses import dpo_loss
 from dpo_ray.metrics import dpo_metrics
 
-from .reference import Reference, has_split, read_split, score
+from .reference import Reference, has_split, read_split, score, scoring_bf16
 
 log = logging.getLogger("dpo_ray")
 TIE_TOLERANCE = 1e-4  # reward units: batching differences move CPU fp32 log-probs by ~1e-6 of their size
+# In bf16 autocast (the scorers compute as training does) batch-shape rounding moves a sequence's log-prob by ~1e-5 of
+# its size (measured: 8.6e-4 nats on 142, the reference re-scored against its own cache): a tie there scales with them.
+BF16_TIE_RELATIVE = 1e-4
 PREVIEW_CHARS = 300  # of each text in the eval_pairs table
 
 
@@ -31,7 +34,9 @@ def evaluate_model(cfg, ref: Reference, model_path: str, tokenizer_path: str, us
     losses, cr, rr = dpo_loss(col("policy_chosen_logps"), col("policy_rejected_logps"), col("ref_chosen_logps"), col("ref_rejected_logps"),
                               beta=t.beta, loss_type=t.loss_type, label_smoothing=t.label_smoothing, simpo_gamma=t.simpo_gamma,
                               chosen_lengths=lengths("chosen_loss_mask"), rejected_lengths=lengths("rejected_loss_mask"))
-    m = dpo_metrics(cr, rr, col("policy_chosen_logps"), col("policy_rejected_logps"), tie_tolerance=TIE_TOLERANCE)
+    tie = TIE_TOLERANCE + (BF16_TIE_RELATIVE * t.beta * (col("ref_chosen_logps").abs() + col("ref_rejected_logps").abs())
+                           if scoring_bf16(cfg, use_gpu) else 0.0)
+    m = dpo_metrics(cr, rr, col("policy_chosen_logps"), col("policy_rejected_logps"), tie_tolerance=tie)
     metrics = {"loss": losses.mean().item(), **m, "pairs": float(len(df))}
     return (metrics, pair_table(df, (cr - rr).numpy(), tokenizer_path, cfg.model.trust_remote_code)) if pairs else metrics
 
