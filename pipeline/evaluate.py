@@ -38,14 +38,18 @@ def evaluate_model(cfg, ref: Reference, model_path: str, tokenizer_path: str, us
                            if scoring_bf16(cfg, use_gpu) else 0.0)
     m = dpo_metrics(cr, rr, col("policy_chosen_logps"), col("policy_rejected_logps"), tie_tolerance=tie)
     metrics = {"loss": losses.mean().item(), **m, "pairs": float(len(df))}
-    return (metrics, pair_table(df, (cr - rr).numpy(), tokenizer_path, cfg.model.trust_remote_code)) if pairs else metrics
+    if not pairs:
+        return metrics
+    margins = cr - rr
+    prefers = torch.where(margins.abs() <= tie, 0.5, (margins > 0).double())  # what rewards/accuracies averages
+    return metrics, pair_table(df, margins.numpy(), prefers.numpy(), tokenizer_path, cfg.model.trust_remote_code)
 
 
-def pair_table(df, reward_margins, tokenizer_path: str, trust_remote_code: bool, chars: int = PREVIEW_CHARS):
+def pair_table(df, reward_margins, prefers_chosen, tokenizer_path: str, trust_remote_code: bool, chars: int = PREVIEW_CHARS):
     """One row per held-out pair, for MLflow's table view (eval_pairs.json): row_id, the prompt's end and both replies
     (decoded from the tokens the models saw, cut to `chars`), the reference's and the policy's log-prob margin
     (chosen - rejected), the reward margin (what rewards/margins averages) and whether the policy now prefers the
-    chosen reply (reward margin > 0, what rewards/accuracies counts)."""
+    chosen reply: 1, 0, or 0.5 for a tie (their mean is rewards/accuracies)."""
     import pandas as pd
 
     from dpo_ray.model import load_tokenizer
@@ -62,7 +66,7 @@ def pair_table(df, reward_margins, tokenizer_path: str, trust_remote_code: bool,
         "reference_logp_margin": df.ref_chosen_logps - df.ref_rejected_logps,
         "policy_logp_margin": df.policy_chosen_logps - df.policy_rejected_logps,
         "reward_margin": reward_margins,
-        "prefers_chosen": reward_margins > 0,
+        "prefers_chosen": prefers_chosen,
     }).sort_values("reward_margin", kind="stable").reset_index(drop=True)  # the pairs the model gets most wrong first
 
 

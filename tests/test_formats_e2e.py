@@ -117,8 +117,10 @@ def test_mlflow_shows_the_files_system_metrics_and_the_eval_pairs(formats_run):
     assert all(r["chosen"] and r["rejected"] and len(r["prompt"]) <= 301 for r in rows)
     margins = [r["reward_margin"] for r in rows]
     assert margins == sorted(margins)  # the pairs the model gets most wrong first
+    assert {r["prefers_chosen"] for r in rows} <= {0.0, 0.5, 1.0}
+    assert all(r["prefers_chosen"] == (1.0 if r["reward_margin"] > 0 else 0.0) for r in rows if r["prefers_chosen"] != 0.5)
     accuracy = sum(r["prefers_chosen"] for r in rows) / len(rows)
-    assert accuracy == pytest.approx(s["eval"]["rewards/accuracies"], abs=1.5 / len(rows))  # ties count 0.5 there
+    assert accuracy == pytest.approx(s["eval"]["rewards/accuracies"], abs=1e-9)  # ties count 0.5 in both
     beta = 0.1
     assert all(r["reward_margin"] == pytest.approx(beta * (r["policy_logp_margin"] - r["reference_logp_margin"]), rel=1e-3, abs=1e-4)
                for r in rows)
