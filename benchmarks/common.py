@@ -139,7 +139,7 @@ def datasets(work: Path) -> dict[str, Path]:
 
 def tokenized_pairs(data: Path, tokenizer_dir: Path, max_length: int, max_prompt_length: int) -> list[dict]:
     """Every valid line tokenized by dpo-ray's own row code (chat template, masks on the final reply + EOS)."""
-    from dpo_ray.data import Reject, decode_line, to_conversations, tokenize_pair, validate_pair
+    from dpo_ray.data import Reject, decode_line, to_pair, tokenize_pair, validate
     from dpo_ray.model import load_tokenizer
 
     tok = load_tokenizer(str(tokenizer_dir))
@@ -147,9 +147,9 @@ def tokenized_pairs(data: Path, tokenizer_dir: Path, max_length: int, max_prompt
     with open(data, "rb") as f:
         for raw in f:
             try:
-                chosen, rejected = to_conversations(decode_line(raw.rstrip(b"\n")))
-                validate_pair(chosen, rejected)
-                out.append(tokenize_pair(tok, chosen, rejected, max_length, max_prompt_length))
+                pair = to_pair(decode_line(raw.rstrip(b"\n")))  # every layout prepare reads
+                validate(pair)
+                out.append(tokenize_pair(tok, pair, max_length=max_length, prompt_budget=max_prompt_length))
             except Reject:
                 continue
     return out

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-LAYOUTS = ("standard", "standard_implicit", "conversational", "conversational_implicit", "ultrafeedback", "sharegpt")
 TRIED = ("tried: prompt/chosen/rejected strings or message lists, chosen/rejected strings or whole conversations, "
          "ShareGPT conversations/chosen/rejected")
 
@@ -154,14 +153,6 @@ def to_pair(obj: dict, columns: dict[str, str] | None = None, chat_template: boo
     raise Reject("unknown_layout", f"prompt/chosen/rejected are {kind(p) if 'prompt' in obj else 'absent'}/{kind(c)}/{kind(r)}; {TRIED}")
 
 
-def to_conversations(obj: dict) -> tuple[list[dict], list[dict]]:
-    """A message-layout row -> (chosen_messages, rejected_messages), each ending in the assistant reply."""
-    pair = to_pair(obj)
-    if pair.text is not None:
-        raise Reject("bad_type", "a string pair without a prompt is plain text, not messages")
-    return pair.chosen, pair.rejected
-
-
 def validate(pair: Pair) -> None:
     """Raises Reject for a pair that cannot be trained on."""
     if pair.text is None:
@@ -193,13 +184,10 @@ def validate_pair(chosen: list[dict], rejected: list[dict]) -> None:
         raise Reject("identical_replies", "chosen and rejected replies are identical")
 
 
-def pair_hash(chosen, rejected=None) -> str:
-    """Content hash of a pair (a Pair, or chosen and rejected messages): exact duplicates share it, and it picks the eval
-    split stably. Message pairs hash as before; text pairs hash their three strings."""
-    if isinstance(chosen, Pair):
-        content = [chosen.chosen, chosen.rejected] if chosen.text is None else ["text", *chosen.text]
-    else:
-        content = [chosen, rejected]
+def pair_hash(pair: Pair) -> str:
+    """Content hash of a pair: exact duplicates share it, and it picks the eval split stably. Message pairs hash as
+    [chosen, rejected] (as before the other layouts came); text pairs hash their three strings."""
+    content = [pair.chosen, pair.rejected] if pair.text is None else ["text", *pair.text]
     return hashlib.sha256(json.dumps(content, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from conftest import SHARED
-from dpo_ray.data import Reject, decode_line, to_conversations, tokenize_pair, tokenize_pairs, truncate, validate_pair
+from dpo_ray.data import Reject, decode_line, to_pair, tokenize_pair, tokenize_pairs, truncate, validate_pair
 
 MULTI_TURN = {
     "chosen": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
@@ -53,15 +53,17 @@ def test_real_sharegpt_pairs_mask_correctly(minimind_tokenizer, name):
         pytest.skip(f"{path} absent")
     rows = json.loads(path.read_text(encoding="utf-8"))[:40]
     for obj in rows:
-        chosen, rejected = to_conversations(obj)
+        pair = to_pair(obj)
+        chosen, rejected = pair.chosen, pair.rejected
         validate_pair(chosen, rejected)
         check_masks(minimind_tokenizer, chosen, rejected)
 
 
 def test_standard_layout_and_message_prompt():
-    c, r = to_conversations({"prompt": "2+2?", "chosen": "4", "rejected": "5"})
+    p = to_pair({"prompt": "2+2?", "chosen": "4", "rejected": "5"})
+    c, r = p.chosen, p.rejected
     assert c == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}] and r[-1]["content"] == "5"
-    c, _ = to_conversations({"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"})
+    c = to_pair({"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}).chosen
     assert [m["role"] for m in c] == ["system", "user", "assistant"]
 
 
@@ -107,7 +109,7 @@ def test_batched_tokenizing_equals_one_pair_at_a_time(demo_tokenizer):
 ])
 def test_decode_rejects(raw, reason):
     with pytest.raises(Reject) as e:
-        to_conversations(decode_line(raw))
+        to_pair(decode_line(raw))
     assert e.value.reason == reason
 
 
