@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from dpo_ray.losses import dpo_loss
-from dpo_ray.metrics import dpo_metrics
+from dpo_ray.metrics import dpo_metrics, pair_accuracies
 
 from .reference import Reference, has_split, read_split, score, scoring_bf16
 
@@ -41,7 +41,7 @@ def evaluate_model(cfg, ref: Reference, model_path: str, tokenizer_path: str, us
     if not pairs:
         return metrics
     margins = cr - rr
-    prefers = torch.where(margins.abs() <= tie, 0.5, (margins > 0).double())  # what rewards/accuracies averages
+    prefers = pair_accuracies(margins, tie)  # what rewards/accuracies averages
     return metrics, pair_table(df, margins.numpy(), prefers.numpy(), tokenizer_path, cfg.model.trust_remote_code)
 
 
