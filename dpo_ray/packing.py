@@ -195,7 +195,10 @@ def flex(query, key, value, block_mask, scale=None, enable_gqa=False):
     if query.is_cuda:
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention)
-        return _compiled_flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+        # FORCE_USE_FLEX_ATTENTION: never the flex-decoding kernel, which inductor picks for rows under 128 tokens and
+        # which had no valid configuration for them on an H100 (torch 2.11: NoValidChoicesError, seen 2026-11-26)
+        return _compiled_flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
+                              kernel_options={"FORCE_USE_FLEX_ATTENTION": True})
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return _flex_eager_with_grad(query, key, value, block_mask, scale)
     with warnings.catch_warnings():  # "called without torch.compile()": on CPU that is the point
