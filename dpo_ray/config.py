@@ -77,9 +77,22 @@ class ReferenceConfig(_Strict):
     batch_size: int = Field(16, ge=1)  # pairs per forward; larger than training is fine (no grads)
     num_actors: int = Field(1, ge=1)  # one model copy each; one GPU each when GPUs exist
     cpus_per_actor: float = Field(0.5, gt=0)  # < 1 leaves CPU for Ray Data's read tasks on small machines
+    gpus_per_actor: int = Field(1, ge=1)  # >1: a reference model too big for one GPU is split over the actor's GPUs
+    # (transformers device_map="auto"); the log says how it was placed
 
 
 LossType = Literal["sigmoid", "hinge", "ipo", "robust", "simpo"]
+
+
+class LoraConfig(_Strict):
+    """LoRA adapters (peft) on the policy; off unless train.lora is set (`--set train.lora.r=8` is enough).
+    The cached reference log-probs are the base model's: the adapters start at zero, so no switching is needed."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)  # the update is scaled by alpha / r
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"  # peft's names: all-linear (every Linear but the LM head) or module names
+    merge: bool = True  # also export the merged model (<output_dir>/model); false keeps only <output_dir>/adapter
 
 
 class TrainConfig(_Strict):
@@ -103,6 +116,12 @@ class TrainConfig(_Strict):
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     bf16: bool | Literal["auto"] = "auto"  # bf16 autocast, fp32 master weights; auto: on CUDA and on CPUs with native bf16
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, the forward runs twice
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # ddp: a full copy of the model per worker; fsdp: FSDP2, parameters,
+    # gradients and optimizer state sharded over the workers (each decoder layer, then the root)
+    cpu_offload: bool = False  # fsdp only: parameters and optimizer state live in host memory (slower, fits bigger models)
+    lora: LoraConfig | None = None  # LoRA adapters instead of a full fine-tune; see LoraConfig
+    gpu_memory_gb: float | None = Field(None, gt=0)  # the memory plan checks against this; None: the GPU's own (asked
+    # from the cluster), no check on CPU-only runs
     attention: Literal["sdpa", "flex"] = "sdpa"  # packed-pair attention, also for reference and eval scoring: sdpa (a dense
     # mask per block of pairs) or flex (FlexAttention, one block mask per batch; compiled on CUDA, eager and slow on CPU)
     checkpoint_every: int = Field(100, ge=1)  # optimizer steps between Ray Train checkpoints
@@ -110,6 +129,12 @@ class TrainConfig(_Strict):
     max_failures: int = Field(0, ge=0)  # worker-group restarts from the last checkpoint
     max_nonfinite_steps: int = Field(3, ge=1)  # consecutive skipped (NaN/inf) steps before stopping
     storage_path: str | None = None  # Ray Train storage; default <output_dir>/ray_train
+
+    @model_validator(mode="after")
+    def _offload_needs_fsdp(self) -> "TrainConfig":
+        if self.cpu_offload and self.strategy != "fsdp":
+            raise ValueError("train.cpu_offload needs train.strategy=fsdp (offloading is FSDP2's CPUOffloadPolicy)")
+        return self
 
 
 class MLflowConfig(_Strict):

@@ -7,26 +7,23 @@ of Ray's scheduling, which is what makes a resumed run equal to an uninterrupted
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
+from . import checkpoint, parallel
 from .config import Config
-from .forward import PolicyLogps, autocast, use_bf16
+from .forward import autocast, use_bf16
 from .losses import dpo_loss
 from .metrics import dpo_metrics
-from .model import enable_activation_checkpointing, load_model
 from .tracking import run_logger, system_metrics
 
 log = logging.getLogger("dpo_ray")
@@ -55,23 +52,6 @@ def take(rows: dict[str, list], idx: list[int]) -> dict[str, list]:
     return {k: [v[i] for i in idx] for k, v in rows.items()}
 
 
-def save_checkpoint(model, optimizer, state: dict, directory: Path) -> None:
-    """model.safetensors + config.json (a loadable HF model), optimizer.pt (tensors only), state.json."""
-    model.save_pretrained(directory, safe_serialization=True)
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
-    save_file({"torch_rng": torch.get_rng_state()}, directory / "rng.safetensors")
-    (directory / "state.json").write_text(json.dumps(state))
-
-
-def load_checkpoint(model, optimizer, directory: Path) -> dict:
-    state_dict = load_file(str(directory / "model.safetensors"))
-    model.load_state_dict(state_dict, strict=False)  # tied weights are saved once
-    model.tie_weights()
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-    torch.set_rng_state(load_file(str(directory / "rng.safetensors"))["torch_rng"])
-    return json.loads((directory / "state.json").read_text())
-
-
 def train_loop_per_worker(config: dict) -> None:
     cfg = Config.model_validate(config["cfg"])
     t = cfg.train
@@ -93,30 +73,29 @@ def train_loop_per_worker(config: dict) -> None:
         raise ValueError(f"train: {n_pairs} pairs are fewer than one step needs ({pairs_per_step} = batch_size_per_worker x workers x grad_accum_steps)")
     total_steps = min(steps_per_epoch * t.epochs, t.max_steps or 10**12)
 
-    # [2] model and optimizer (fp32 master weights; bf16 only inside autocast)
-    model = load_model(config["policy_path"], cfg.model.trust_remote_code, token=cfg.model.hf_token)
-    if t.gradient_checkpointing:  # for long sequences: each decoder layer's activations recomputed in backward
-        enable_activation_checkpointing(model)
-    wrapper = PolicyLogps(model, attention=t.attention)  # packed pairs (prompt once per pair, no padding) when the model's attention allows it
-    policy = ray.train.torch.prepare_model(wrapper)  # DDP on >1 worker; moves to device
-    # the fused kernel: one call updates every parameter (on a small model about twice as fast a step as foreach)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
-                                  **({"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}))
+    # [2] model and optimizer: ddp (a full copy per worker) or fsdp (sharded), optionally LoRA (dpo_ray.parallel);
+    # fp32 master weights; bf16 inside autocast (ddp) or as FSDP2's compute copies of the parameters (fsdp)
     bf16 = use_bf16(t.bf16, device)
+    fsdp, lora = t.strategy == "fsdp", t.lora is not None
+    policy, wrapper, model = parallel.build_policy(cfg, config["policy_path"], rank, world, device, bf16)
+    optimizer = parallel.make_optimizer(policy, t, device)
     precision = autocast(bf16, device)  # the reference and evaluation scorers compute the same way (dpo_ray.scoring)
     start_step, loss_first = 0, None
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            state = load_checkpoint(model, optimizer, Path(d))
+            state = checkpoint.load(Path(d), policy, model, optimizer, fsdp, lora)
         start_step, loss_first = state["step"], state.get("loss_first")
         log.info("rank %d: resumed from checkpoint at step %d", rank, start_step)
     if rank == 0:
+        n_train = sum(p.numel() for p in parallel.trainable(model))
         log.info("train: %d pairs, %d workers x %d pairs x %d accumulation = %d pairs/step, %d steps/epoch, %d steps, "
-                 "batches %s%s, precision %s", n_pairs, world, bs, accum, pairs_per_step, steps_per_epoch, total_steps,
+                 "batches %s%s, precision %s, %s%s", n_pairs, world, bs, accum, pairs_per_step, steps_per_epoch, total_steps,
                  f"packed (prompt once per pair, no padding; {t.attention} attention)" if wrapper.packed else "padded to the longest sequence",
                  ", activation checkpointing" if t.gradient_checkpointing else "",
-                 "bf16 autocast" if bf16 else "fp32 (set train.bf16=true to force bf16; this CPU has no native bf16)" if device.type == "cpu" else "fp32")
+                 "bf16 autocast" if bf16 else "fp32 (set train.bf16=true to force bf16; this CPU has no native bf16)" if device.type == "cpu" else "fp32",
+                 f"{t.strategy}{' + cpu offload' if t.cpu_offload else ''}",
+                 f", LoRA r={t.lora.r} on {t.lora.target_modules}: {n_train:,} trainable parameters" if lora else "")
 
     # [3] the loop
     policy.train()
@@ -136,8 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
             first = ((pos * accum + micro) * world + rank) * bs
             batch = wrapper.collate(take(rows, order[first : first + bs]), config["pad_id"], device)
             tokens += batch["tokens"]  # real tokens of the chosen and rejected sequences (prompt counted in both)
-            sync = policy.no_sync() if world > 1 and micro < accum - 1 else nullcontext()  # all-reduce once per step
-            with sync:
+            with parallel.sync_gradients(policy, world, last_micro=micro == accum - 1):  # reduce once per step
                 with precision:
                     logps, counts = policy(batch)  # (2B,) order [chosen; rejected]
                 pc, pr, lc, lr_ = logps[:bs], logps[bs:], counts[:bs], counts[bs:]
@@ -149,7 +127,7 @@ def train_loop_per_worker(config: dict) -> None:
                     loss = loss + t.nll_weight * (-pc.sum() / lc.sum())
                 (loss / accum).backward()
             parts.append((losses.detach(), cr, rr, pc.detach(), pr.detach()))
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+        grad_norm = parallel.clip_gradients(policy, t.max_grad_norm)
         losses, cr, rr, pc, pr = (torch.cat(x) for x in zip(*parts))
         if not (torch.isfinite(grad_norm) and torch.isfinite(losses).all()):
             optimizer.zero_grad(set_to_none=True)  # skip the update: the weights stay as they were
@@ -186,23 +164,27 @@ def train_loop_per_worker(config: dict) -> None:
                      m["rewards/margins"], m["grad_norm"], lr, m["tokens_per_second"], eta // 60, eta % 60)
             tracker.flush()
 
-        # checkpoint: every worker reports at the same steps; rank 0 writes the files
+        # checkpoint: every worker reports at the same steps (ddp: rank 0 writes the files; fsdp: every rank its shards)
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == total_steps:
-            report(model, optimizer, rank, {"step": step + 1, "loss_first": loss_first, "loss_last": m["loss"],
-                                            "tokens_per_second": m["tokens_per_second"], "total_steps": total_steps})
+            save = lambda d, st: checkpoint.save(d, policy, model, optimizer, st, rank, fsdp, lora, final=step + 1 == total_steps)  # noqa: E731
+            report(save, rank, fsdp, {"step": step + 1, "loss_first": loss_first, "loss_last": m["loss"],
+                                      "tokens_per_second": m["tokens_per_second"], "total_steps": total_steps})
     if start_step >= total_steps:  # resumed after the last step: report once so the run has a result
-        report(model, optimizer, rank, {"step": total_steps, "loss_first": loss_first, "loss_last": last.get("loss"), "total_steps": total_steps})
+        save = lambda d, st: checkpoint.save(d, policy, model, optimizer, st, rank, fsdp, lora, final=True)  # noqa: E731
+        report(save, rank, fsdp, {"step": total_steps, "loss_first": loss_first, "loss_last": last.get("loss"), "total_steps": total_steps})
     tracker.flush()
     monitor.finish()
     if rank == 0:
         log.info("train: done, %d steps in %.0f s", total_steps - start_step, time.time() - t_start)
 
 
-def report(model, optimizer, rank: int, state: dict) -> None:
+def report(save, rank: int, fsdp: bool, state: dict) -> None:
+    """ray.train.report at a checkpoint step: ddp, rank 0 reports the directory it wrote; fsdp, every rank reports
+    its own (its DCP shard files; Ray Train gathers them into one checkpoint)."""
     metrics = {k: v for k, v in state.items() if v is not None}
-    if rank != 0:
+    if rank != 0 and not fsdp:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(model, optimizer, state, Path(d))
+        save(Path(d), state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

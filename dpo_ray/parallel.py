@@ -1,0 +1,134 @@
+"""How the policy sits on the workers: `ddp` (a full copy per worker) or `fsdp` (FSDP2: parameters, gradients and
+optimizer state sharded), each with or without LoRA adapters (peft). The loop calls `build_policy` once, then
+`sync_gradients` and `clip_gradients` in its step; the rest of the loop does not know which strategy runs.
+
+fsdp follows torchtitan: `fully_shard` on each decoder layer (the model's `_no_split_modules` classes), then on the
+root (here the PolicyLogps wrapper, whose forward also runs the LM head). Only rank 0 reads the weights: the other
+ranks build the model on the meta device and receive their shards from rank 0 (`set_model_state_dict` with
+`broadcast_from_rank0`), so host memory holds one full copy in the whole job, not one per worker.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .forward import PolicyLogps
+from .model import enable_activation_checkpointing, load_model
+
+log = logging.getLogger("dpo_ray")
+
+
+def add_lora(model: nn.Module, lora) -> nn.Module:
+    """peft LoRA adapters on `lora.target_modules`; the base weights are frozen. B starts at zero, so the adapted
+    model computes what the base does until the first step (the cached reference stays the starting point)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP2 shards one by one: instances of the classes the model names in `_no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"train.strategy=fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules)")
+    return layers
+
+
+def shard(wrapper: nn.Module, bf16: bool, cpu_offload: bool) -> None:
+    """FSDP2 in place: each decoder layer, then the root. bf16 computes with bf16 parameter copies and reduces
+    gradients in fp32; the sharded master weights and the optimizer state stay fp32."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    kwargs = {"mp_policy": mp, "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
+    for layer in decoder_layers(wrapper.model):
+        fully_shard(layer, **kwargs)
+    fully_shard(wrapper, **kwargs)
+
+
+def _empty_model(path: str, trust_remote_code: bool, token: str | None) -> nn.Module:
+    """The model's modules with parameters on the meta device (no memory) and real buffers (rotary tables are
+    not in the state dict, so they must be computed here)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, token=token)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # as from_pretrained does: a tied head must be one parameter on every rank
+    return model
+
+
+def build_policy(cfg, policy_path: str, rank: int, world: int, device: torch.device, bf16: bool):
+    """(policy, wrapper, model): `policy` is what the loop calls and steps, `wrapper` the PolicyLogps (its collate),
+    `model` the HF (or peft) model inside, for checkpoints and export."""
+    import ray.train.torch
+
+    t, m = cfg.train, cfg.model
+    fsdp = t.strategy == "fsdp"
+    if fsdp and rank != 0:
+        model = _empty_model(policy_path, m.trust_remote_code, m.hf_token)
+    else:
+        model = load_model(policy_path, m.trust_remote_code, token=m.hf_token)
+    if t.lora is not None:
+        model = add_lora(model, t.lora)  # rank 0's adapters are the ones every rank gets (broadcast below)
+    if t.gradient_checkpointing:  # for long sequences: each decoder layer's activations recomputed in backward
+        enable_activation_checkpointing(model)
+    wrapper = PolicyLogps(model, attention=t.attention)  # packed pairs (prompt once per pair, no padding) when the model allows
+    if not fsdp:
+        return ray.train.torch.prepare_model(wrapper), wrapper, model  # DDP on >1 worker; moves to device
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    full = model.state_dict() if rank == 0 else {}  # rank 0's tensors, the only full copy (no clone)
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    shard(wrapper, bf16, t.cpu_offload)
+    if rank != 0:  # meta parameters -> uninitialised memory on the device; buffers put back
+        wrapper.to_empty(device="cpu" if t.cpu_offload else device)
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                b.copy_(buffers[k])
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    return wrapper, wrapper, model
+
+
+def trainable(policy: nn.Module) -> list[nn.Parameter]:
+    return [p for p in policy.parameters() if p.requires_grad]
+
+
+def sync_gradients(policy: nn.Module, world: int, last_micro: bool):
+    """A context for one micro-batch's backward: gradients are reduced across workers only on the step's last one."""
+    from contextlib import nullcontext
+
+    if world == 1 or last_micro:
+        if hasattr(policy, "set_requires_gradient_sync"):
+            policy.set_requires_gradient_sync(True)
+        return nullcontext()
+    if hasattr(policy, "set_requires_gradient_sync"):  # FSDP2
+        policy.set_requires_gradient_sync(False)
+        return nullcontext()
+    return policy.no_sync()  # DDP
+
+
+def clip_gradients(policy: nn.Module, max_norm: float) -> torch.Tensor:
+    """The global gradient norm (over all workers' shards) before clipping; max_norm 0 only measures."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable(policy), max_norm if max_norm > 0 else float("inf"))
+    return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+
+
+def make_optimizer(policy: nn.Module, t, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters. The fused kernel (one call updates every parameter; on a small model
+    about twice as fast a step as foreach) for plain tensors on CPU/CUDA; foreach for FSDP2's DTensors on the CPU."""
+    params = trainable(policy)
+    sharded = any(hasattr(p, "full_tensor") for p in params)
+    fused = device.type == "cuda" or (device.type == "cpu" and not sharded)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
+                             **({"fused": True} if fused else {"foreach": True}))
