@@ -79,6 +79,8 @@ class PolicyLogps(nn.Module):
         if self.reply_only_head:
             hidden = self.model.get_decoder()(**kwargs).last_hidden_state  # (R, T, H)
             head = self.model.get_output_embeddings()
+            if hidden.device != head.weight.device:  # a model split over GPUs (device_map): the head's GPU does it
+                hidden, batch = hidden.to(head.weight.device), packing.to_device(batch, head.weight.device)
             per_token = linear_logps(hidden.flatten(0, 1)[batch["score_pos"]], head.weight, head.bias, batch["score_target"])
         else:
             logits = self.model(**kwargs).logits.flatten(0, 1)[batch["score_pos"]]

@@ -66,14 +66,30 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, token: str | None
     return tok
 
 
-def load_model(name: str, trust_remote_code: bool = False, dtype=None, token: str | None = None):
+def load_model(name: str, trust_remote_code: bool = False, dtype=None, token: str | None = None, **kwargs):
+    """A causal LM from a local directory or hub id; a LoRA adapter directory (adapter_config.json, as exported with
+    train.lora.merge=false) loads its base and merges the adapter in."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    if (Path(name) / "adapter_config.json").is_file():
+        import json
+
+        base = json.loads((Path(name) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return merge_adapter(base, name, trust_remote_code, token, dtype, **kwargs)
     try:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, token=token)
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
+                                                    token=token, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {name}: {str(e).splitlines()[0]}") from e
+
+
+def merge_adapter(base: str, adapter: str | Path, trust_remote_code: bool = False, token: str | None = None, dtype=None, **kwargs):
+    """The base model with a peft LoRA adapter merged into its weights: a plain transformers model (W + B A alpha/r)."""
+    from peft import PeftModel
+
+    model = load_model(base, trust_remote_code, dtype, token, **kwargs)
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
 
 
 def enable_activation_checkpointing(model) -> None:

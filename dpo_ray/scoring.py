@@ -2,12 +2,14 @@
 
 Used by the reference stage (prefix "ref_") and by evaluation (prefix "policy_"). The model is loaded
 once per actor and kept across batches; forward only, under inference_mode, in the policy's own numerics:
-fp32 weights, and bf16 autocast where training uses it (train.bf16), through the same PolicyLogps forward.
+fp32 weights, and bf16 autocast where training uses it (train.bf16), through the same PolicyLogps forward; with
+train.strategy=fsdp and bf16, bf16 weights, as FSDP2's mixed precision computes with bf16 copies of them.
 So at step 1 the policy reads the reference's numbers up to batch-shape rounding: rewards and margins
 start at zero and the loss at ln 2 (with bf16 weights instead, the two would differ by bf16 weight rounding).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -17,20 +19,29 @@ import torch
 from .forward import PolicyLogps, autocast
 from .model import load_model, load_tokenizer
 
+log = logging.getLogger("dpo_ray")
 
-def scoring_precision(bf16: bool) -> str:
+
+def scoring_precision(bf16: bool, bf16_weights: bool = False) -> str:
     """Part of the reference cache key: log-probs computed one way are not reused for another."""
-    return "fp32-weights+bf16-autocast" if bf16 else "fp32"
+    return ("bf16-weights+bf16-autocast" if bf16_weights else "fp32-weights+bf16-autocast") if bf16 else "fp32"
 
 
 class LogpsScorer:
     def __init__(self, model_path: str, tokenizer_path: str, prefix: str, trust_remote_code: bool = False, threads: int | None = None,
-                 token: str | None = None, bf16: bool = False, attention: str = "sdpa"):
+                 token: str | None = None, bf16: bool = False, attention: str = "sdpa", bf16_weights: bool = False):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(threads or os.cpu_count() or 1)
-        model = load_model(model_path, trust_remote_code, dtype=torch.float32, token=token)
-        self.model = PolicyLogps(model, attention=attention).to(self.device).eval()
+        split = torch.cuda.device_count() > 1  # reference.gpus_per_actor > 1: the layers spread over this actor's GPUs
+        dtype = torch.bfloat16 if bf16 and bf16_weights else torch.float32  # bf16 weights: as FSDP2's bf16 compute copies
+        model = load_model(model_path, trust_remote_code, dtype=dtype, token=token, **({"device_map": "auto"} if split else {}))
+        if split:
+            placed = sorted(set(str(v) for v in model.hf_device_map.values()))
+            log.info("scoring %s: split over %d GPUs (%s) by device_map=auto", model_path, len(placed), ", ".join(placed))
+        self.model = PolicyLogps(model, attention=attention).eval()
+        if not split:
+            self.model.to(self.device)
         self.precision = autocast(bf16, self.device)
         self.pad_id = load_tokenizer(tokenizer_path, trust_remote_code, token).pad_token_id
         self.prefix = prefix

@@ -68,6 +68,12 @@ def scoring_bf16(cfg, use_gpu: bool) -> bool:
     return use_bf16(cfg.train.bf16, "cuda" if use_gpu else "cpu")
 
 
+def scoring_precision_of(cfg, use_gpu: bool) -> dict:
+    """The scorer's precision arguments: the policy's numerics (fsdp with bf16 computes with bf16 parameter copies)."""
+    bf16 = scoring_bf16(cfg, use_gpu)
+    return {"bf16": bf16, "bf16_weights": bf16 and cfg.train.strategy == "fsdp"}
+
+
 def score(ds, model_path: str, tokenizer_path: str, prefix: str, cfg, use_gpu: bool):
     """Ray Data: add <prefix>chosen/rejected_logps on an actor pool (1 GPU per actor when used), in the policy's numerics."""
     import ray
@@ -77,10 +83,10 @@ def score(ds, model_path: str, tokenizer_path: str, prefix: str, cfg, use_gpu: b
         LogpsScorer,
         fn_constructor_kwargs=dict(model_path=model_path, tokenizer_path=tokenizer_path, prefix=prefix,
                                    trust_remote_code=cfg.model.trust_remote_code, token=cfg.model.hf_token,
-                                   bf16=scoring_bf16(cfg, use_gpu), attention=cfg.train.attention),
+                                   attention=cfg.train.attention, **scoring_precision_of(cfg, use_gpu)),
         batch_format="pyarrow", batch_size=r.batch_size,
         compute=ray.data.ActorPoolStrategy(size=r.num_actors),
-        num_cpus=r.cpus_per_actor, num_gpus=1 if use_gpu else 0,
+        num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor if use_gpu else 0,
     )
 
 
@@ -93,7 +99,7 @@ def run(cfg, prepared: Prepared, reference_path: str, tokenizer_path: str, use_g
     cache = open_location(cfg.cache_dir)
     parts, hits = [], []
     for part in prepared.parts:
-        key = fingerprint("reference", VERSION, part.key, model_key, scoring_precision(scoring_bf16(cfg, use_gpu)))
+        key = fingerprint("reference", VERSION, part.key, model_key, scoring_precision(**scoring_precision_of(cfg, use_gpu)))
         out = cache / "reference" / key
         parts.append(out)
         hits.append(is_complete(out))

@@ -14,8 +14,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from dpo_ray.config import Config, flatten, masked, to_yaml
-from dpo_ray.model import load_tokenizer, resolve_model
+from dpo_ray import memory
+from dpo_ray.config import Config, LoraConfig, flatten, masked, to_yaml
+from dpo_ray.forward import use_bf16
+from dpo_ray.checkpoint import ADAPTER
+from dpo_ray.model import load_tokenizer, merge_adapter, resolve_model
 from dpo_ray.tracking import check_reachable, dataset_input, ensure_experiment, resolve_tracking_uri, system_metrics
 
 from . import evaluate, prepare, reference, register, train
@@ -117,10 +120,52 @@ def plan_resources(cfg: Config) -> tuple[bool, float]:
     if cpw <= 0 or t.num_workers * cpw + DATA_HEADROOM_CPUS > cpus + 1e-9:
         raise ResourceError(f"train needs {t.num_workers} x {cpw:g} CPUs plus {DATA_HEADROOM_CPUS} for data, the Ray cluster has {cpus:g}; "
                             f"lower train.num_workers or train.cpus_per_worker")
+    if use_gpu and gpus < r.gpus_per_actor:
+        raise ResourceError(f"reference.gpus_per_actor is {r.gpus_per_actor}, the Ray cluster has {gpus:g} GPU(s); lower it")
     if r.num_actors * r.cpus_per_actor + DATA_HEADROOM_CPUS > cpus + 1e-9:
         raise ResourceError(f"reference needs {r.num_actors} x {r.cpus_per_actor:g} CPUs plus {DATA_HEADROOM_CPUS} for reading, "
                             f"the Ray cluster has {cpus:g}; lower reference.num_actors or reference.cpus_per_actor")
     return use_gpu, cpw
+
+
+def gpu_memory_bytes(cfg: Config, use_gpu: bool) -> float | None:
+    """train.gpu_memory_gb when stated, else the memory of a GPU of the cluster (asked from a one-GPU task)."""
+    if cfg.train.gpu_memory_gb:
+        return cfg.train.gpu_memory_gb * memory.GB
+    if not use_gpu:
+        return None
+    import ray
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    def total() -> int:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+
+    return float(ray.get(total.remote()))
+
+
+def check_memory(cfg: Config, policy_path: str, use_gpu: bool) -> dict:
+    """Logs the memory plan per GPU (per worker on CPU) and stops, before any model is loaded, when parameters and
+    optimizer state alone cannot fit the GPU; the message names the options that would."""
+    t = cfg.train
+    bf16 = use_bf16(t.bf16, "cuda" if use_gpu else "cpu")
+    size = memory.model_size(policy_path, cfg.model.trust_remote_code, cfg.model.hf_token, t.lora)
+    p = memory.plan(size, t.strategy, t.num_workers, t.cpu_offload, bf16, t.gradient_checkpointing, t.batch_size_per_worker, cfg.data.max_length)
+    gpu = gpu_memory_bytes(cfg, use_gpu)
+    where = "per GPU" if gpu else "per worker (host memory)"
+    log.info("train: memory plan %s for %s params (%s trainable), %s x %d worker(s)%s%s: %s", where, f"{size.params:,}", f"{size.trainable:,}",
+             t.strategy, t.num_workers, " + cpu offload" if t.cpu_offload else "", f", LoRA r={t.lora.r}" if t.lora else "", memory.describe(p))
+    if gpu and not memory.fits(p, gpu):
+        lora_size = memory.model_size(policy_path, cfg.model.trust_remote_code, cfg.model.hf_token, LoraConfig()) if t.lora is None else None
+        options = memory.alternatives(size, lora_size, gpu, bf16)
+        raise ResourceError(f"train: parameters and optimizer state need {(p['parameters'] + p['optimizer']) / memory.GB:.1f} GB per GPU "
+                            f"({t.strategy}, {t.num_workers} worker(s)), a GPU has {gpu / memory.GB:.1f} GB; "
+                            + ("options that fit: " + "; ".join(options) if options else "no strategy fits this GPU"))
+    if gpu and p["total"] > gpu:
+        log.warning("train: the plan's estimate (%.1f GB) is over the GPU's %.1f GB: lower train.batch_size_per_worker or data.max_length, "
+                    "or set train.gradient_checkpointing=true", p["total"] / memory.GB, gpu / memory.GB)
+    return {"per_gpu" if gpu else "per_worker": {k: round(v / memory.GB, 3) for k, v in p.items()}, "params": size.params, "trainable": size.trainable}
 
 
 def git_commit() -> str | None:
@@ -173,15 +218,11 @@ def dataset_inputs(prepared) -> list:
     return out
 
 
-def export_model(checkpoint, tokenizer, out: Path) -> Path:
-    """The final checkpoint's HF files + tokenizer -> <output_dir>/model, written aside and renamed into place."""
-    with atomic_dir(out.parent / (out.name + ".new")) as tmp:
-        with checkpoint.as_directory() as d:
-            for f in Path(d).iterdir():
-                if f.name in ("config.json", "generation_config.json") or f.suffix == ".safetensors" and f.name != "rng.safetensors":
-                    shutil.copy2(f, tmp / f.name)
-        tokenizer.save_pretrained(tmp)
+def replace_dir(out: Path, fill) -> Path:
+    """fill(tmp) writes a directory aside; it then replaces `out` (the old one kept until the new one is in place)."""
     new = out.parent / (out.name + ".new")
+    with atomic_dir(new) as tmp:
+        fill(tmp)
     (new / "_COMPLETE").unlink()
     old = out.parent / (out.name + ".old")
     if out.exists():
@@ -190,6 +231,30 @@ def export_model(checkpoint, tokenizer, out: Path) -> Path:
     os.replace(new, out)
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def export_model(checkpoint, tokenizer, out_dir: Path, cfg: Config, policy_path: str) -> Path:
+    """The final checkpoint -> <output_dir>/model (HF files + tokenizer) and, with LoRA, <output_dir>/adapter (loads
+    with PeftModel.from_pretrained on the base). The merged LoRA model is built here, in this one process: the base
+    from disk plus the adapter, merged (one full copy of the weights). Returns the directory to evaluate and log."""
+    lora = cfg.train.lora
+    with checkpoint.as_directory() as d:
+        d = Path(d)
+        if lora is None:
+            copy = lambda tmp: [shutil.copy2(f, tmp / f.name) for f in d.iterdir()  # noqa: E731
+                                if f.name in ("config.json", "generation_config.json") or f.suffix == ".safetensors" and f.name != "rng.safetensors"]
+            return replace_dir(out_dir / "model", lambda tmp: (copy(tmp), tokenizer.save_pretrained(tmp)))
+        adapter = replace_dir(out_dir / "adapter", lambda tmp: (shutil.copytree(d / ADAPTER, tmp, dirs_exist_ok=True), tokenizer.save_pretrained(tmp)))
+    if not lora.merge:
+        return adapter
+
+    def merged(tmp: Path) -> None:
+        model = merge_adapter(policy_path, adapter, cfg.model.trust_remote_code, cfg.model.hf_token)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    log.info("export: merging the LoRA adapter into %s -> %s", policy_path, out_dir / "model")
+    return replace_dir(out_dir / "model", merged)
 
 
 COMMANDS = {  # CLI command -> stages it runs; prepare and reference are cache look-ups when already done
@@ -243,12 +308,14 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
     tracker = monitor = None
     try:
         use_gpu, cpus_per_worker = plan_resources(cfg)
+        plan = check_memory(cfg, policy_path, use_gpu) if "train" in stages else None
         prepared = prepare.run(cfg, tokenizer_path, rejects_copy=out_dir / "rejects.jsonl")
         summary = {"output_dir": str(out_dir), "tracking_uri": uri, "reference_model_dir": reference_path,
                    "data": {**{k: prepared.stats[k] for k in ("rows_read", "rows_used", "rows_rejected", "duplicates", "blank_lines",
                                                               "train_rows", "eval_rows", "truncated", "rejects_by_reason", "layouts", "per_file")},
                             "rejects_file": str(out_dir / "rejects.jsonl"), "key": prepared.key, "hit": prepared.hit,
-                            "files": [{"file": str(p.file), "prepared": str(p.path), "hit": p.hit} for p in prepared.parts]}}
+                            "files": [{"file": str(p.file), "prepared": str(p.path), "hit": p.hit} for p in prepared.parts]},
+                   **({"memory_plan_gb": plan} if plan else {})}
         # retrain is a no-op when the data and config are as last time and the starting model is the one it
         # started from or the champion it produced (else a promotion would trigger endless retraining)
         safe_cfg = masked(cfg.model_dump())  # what is logged and saved: secrets masked
@@ -279,10 +346,10 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
         tracker.call("rejects.jsonl", tracker.client.log_artifact, str(out_dir / "rejects.jsonl"))
         tracker.log_metrics({f"data/{k}": prepared.stats[k] for k in ("rows_read", "rows_used", "rows_rejected", "duplicates", "truncated")}, step=0)
 
-        model_dir = out_dir / "model"
+        model_dir = out_dir / ("adapter" if cfg.train.lora and not cfg.train.lora.merge else "model")
         if "train" in stages:
             result = train.run(cfg, ref, policy_path, tokenizer.pad_token_id, use_gpu, cpus_per_worker, uri, run_id)
-            export_model(result.checkpoint, tokenizer, model_dir)
+            model_dir = export_model(result.checkpoint, tokenizer, out_dir, cfg, policy_path)
             m = result.metrics or {}
             summary["train"] = {"steps": m.get("step"), "loss_first": m.get("loss_first"), "loss_last": m.get("loss_last"),
                                 "tokens_per_second": m.get("tokens_per_second"), "checkpoint": result.checkpoint.path}
@@ -297,6 +364,8 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
             summary["eval"] = {k[len("eval/"):]: v for k, v in ev.items() if not k.startswith("eval/reference/")}
             summary["eval_reference"] = {k[len("eval/reference/"):]: v for k, v in ev.items() if k.startswith("eval/reference/")}
             tracker.call("model artifacts", tracker.client.log_artifacts, str(model_dir), "model")
+            if cfg.train.lora and cfg.train.lora.merge and (out_dir / "adapter").exists():
+                tracker.call("adapter artifacts", tracker.client.log_artifacts, str(out_dir / "adapter"), "adapter")
             logged = not tracker.down
             if "register" in stages and cfg.registry.name:
                 score = lambda d: evaluate.evaluate_model(cfg, ref, d, tokenizer_path, use_gpu)
