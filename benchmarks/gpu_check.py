@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check.py e2e|parity|bench|maxlen|table --device cuda|cpu --work DIR [--log DIR]
 
-e2e:    `dpo-ray run` (python -m dpo_ray.cli) on a Qwen2-shaped model: Ray Data prepare, the reference stage on a
+e2e:    `dpo-ray run` (python -m pipeline.cli) on a Qwen2-shaped model: Ray Data prepare, the reference stage on a
         GPU actor, TorchTrainer(use_gpu), evaluation, MLflow on sqlite; must write summary.json.
 parity: step 1 of the policy against the reference stage's scorer (benchmarks/parity.py), both attentions.
 bench:  the CUDA rows of benchmarks/run.py: dpo-ray (sdpa and flex attention), TRL with and without
@@ -63,7 +63,7 @@ def e2e(args, s: dict) -> dict:
             "train.batch_size_per_worker": s["batch"], "train.max_steps": s["e2e_steps"], "train.log_every": 1,
             "train.checkpoint_every": s["e2e_steps"], "train.lr": 1e-5, "reference.batch_size": 16,
             "train.use_gpu": str(args.device == "cuda").lower(), "mlflow.tracking_uri": f"sqlite:///{out / 'mlflow.db'}"}
-    cmd = [sys.executable, "-m", "dpo_ray.cli", "run", str(HERE.parent / "configs" / "demo.yaml")]
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(HERE.parent / "configs" / "demo.yaml")]
     cmd += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=args.work)

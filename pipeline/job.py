@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from dpo_ray.cli import main
+from pipeline.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

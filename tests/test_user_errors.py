@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_ray.cli import main
+from pipeline.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

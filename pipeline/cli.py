@@ -9,14 +9,14 @@ import json
 import sys
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.artifacts import DataError, LockedError
-    from pipeline.run import ResourceError, SetupError
-    from pipeline.storage import StorageError
-    from pipeline.train import TrainingError
+    from dpo_ray.config import ConfigError
+    from dpo_ray.model import ModelError
+    from dpo_ray.tracking import TrackingError
 
-    from .config import ConfigError
-    from .model import ModelError
-    from .tracking import TrackingError
+    from .artifacts import DataError, LockedError
+    from .run import ResourceError, SetupError
+    from .storage import StorageError
+    from .train import TrainingError
 
     return (ConfigError, DataError, LockedError, ModelError, TrackingError, ResourceError, SetupError, StorageError, TrainingError)
 
@@ -44,11 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import ConfigError, load_config
+    from dpo_ray.config import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from pipeline.run import COMMANDS, run, setup_logging
+        from .run import COMMANDS, run, setup_logging
 
         setup_logging()
         summary = run(cfg, COMMANDS[args.command], address=args.address, retrain=args.command == "retrain")
