@@ -45,7 +45,20 @@ def save(directory: Path, policy, model, optimizer, state: dict, rank: int, fsdp
         torch.save(optimizer.state_dict(), directory / "optimizer.pt")
     if rank == 0:
         save_file({"torch_rng": torch.get_rng_state()}, directory / "rng.safetensors")
-        (directory / "state.json").write_text(json.dumps(state))
+        (directory / "state.json").write_text(json.dumps({**state, "strategy": "fsdp" if fsdp else "ddp", "lora": lora}))
+
+
+def mismatch(directory: Path, strategy: str, lora: bool) -> str | None:
+    """Why a checkpoint cannot be resumed with this strategy and LoRA setting, or None (formats differ between them)."""
+    state = directory / "state.json"
+    if not state.is_file():
+        return f"{directory} is not a dpo-ray checkpoint (no state.json)"
+    written = json.loads(state.read_text())
+    was = (written.get("strategy", "ddp"), bool(written.get("lora", (directory / ADAPTER).is_dir())))
+    if was != (strategy, lora):
+        return (f"checkpoint {directory} was written with train.strategy={was[0]}{' and LoRA' if was[1] else ''}; "
+                f"resume it with the same strategy and LoRA setting (this run: {strategy}{' and LoRA' if lora else ''})")
+    return None
 
 
 def export(directory: Path, model, rank: int, lora: bool) -> None:
@@ -59,6 +72,9 @@ def export(directory: Path, model, rank: int, lora: bool) -> None:
 
 def load(directory: Path, policy, model, optimizer, fsdp: bool, lora: bool) -> dict:
     """Restores model, optimizer and RNG from a checkpoint directory (every rank calls it); returns state.json."""
+    problem = mismatch(directory, "fsdp" if fsdp else "ddp", lora)
+    if problem:
+        raise ValueError(problem)
     if fsdp:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict

@@ -129,6 +129,8 @@ class TrainConfig(_Strict):
     max_failures: int = Field(0, ge=0)  # worker-group restarts from the last checkpoint
     max_nonfinite_steps: int = Field(3, ge=1)  # consecutive skipped (NaN/inf) steps before stopping
     storage_path: str | None = None  # Ray Train storage; default <output_dir>/ray_train
+    resume_from: str | None = None  # a checkpoint directory to start from (e.g. <storage>/dpo-.../checkpoint_...), possibly
+    # written with another number of workers; a rerun of the same config resumes its own last checkpoint without it
 
     @model_validator(mode="after")
     def _offload_needs_fsdp(self) -> "TrainConfig":

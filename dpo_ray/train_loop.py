@@ -81,7 +81,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = parallel.make_optimizer(policy, t, device)
     precision = autocast(bf16, device)  # the reference and evaluation scorers compute the same way (dpo_ray.scoring)
     start_step, loss_first = 0, None
-    ckpt = ray.train.get_checkpoint()
+    ckpt = ray.train.get_checkpoint() or (ray.train.Checkpoint(t.resume_from) if t.resume_from else None)  # Ray's own first
     if ckpt:
         with ckpt.as_directory() as d:
             state = checkpoint.load(Path(d), policy, model, optimizer, fsdp, lora)

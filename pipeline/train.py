@@ -6,16 +6,27 @@ from pathlib import Path
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from dpo_ray import checkpoint
 from dpo_ray.train_loop import train_loop_per_worker
 
 from .artifacts import fingerprint
 from .reference import read_split
 
+# train config keys that change how the work is split over workers or logged, not what is computed
+WORKER_LAYOUT = {"max_failures", "log_every", "num_workers", "batch_size_per_worker", "grad_accum_steps", "cpus_per_worker",
+                 "torch_threads", "use_gpu", "cpu_offload", "gpu_memory_gb", "resume_from"}
+
 
 def run(cfg, ref, policy_path: str, pad_id: int, use_gpu: bool, cpus_per_worker: float, tracking_uri: str | None, run_id: str | None):
-    """Returns the ray.train.Result. The Ray run name is a fingerprint of the inputs and the train config,
-    so rerunning the same thing resumes its last checkpoint instead of starting over."""
-    name = "dpo-" + fingerprint(ref.key, policy_path, cfg.train.model_dump(exclude={"max_failures", "log_every"}), cfg.seed)
+    """Returns the ray.train.Result. The Ray run name is a fingerprint of the inputs and the train config, so rerunning
+    the same thing resumes its last checkpoint instead of starting over, also with another number of workers: the
+    name keeps the pairs per step, not how they are split over workers."""
+    t = cfg.train
+    if t.resume_from and "://" not in t.resume_from:  # checked here, before any worker starts (object stores: by the workers)
+        problem = checkpoint.mismatch(Path(t.resume_from), t.strategy, t.lora is not None)
+        if problem:
+            raise TrainingError(f"train.resume_from: {problem}")
+    name = "dpo-" + fingerprint(ref.key, policy_path, t.model_dump(exclude=WORKER_LAYOUT), t.batch_size_per_worker * t.num_workers * t.grad_accum_steps, cfg.seed)
     storage = cfg.train.storage_path or str(Path(cfg.output_dir).resolve() / "ray_train")
     trainer = TorchTrainer(
         train_loop_per_worker,

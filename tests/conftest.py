@@ -58,6 +58,21 @@ def ray_local():
     ray.shutdown()
 
 
+def build_qwen2(out: Path, tokenizer_dir: str, hidden: int = 256, layers: int = 4) -> str:
+    """A small Qwen2-shaped model (GQA, q/k/v bias, tied head) with random weights (seed 0) and the given tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def small_pairs(tmp_path_factory) -> Path:
     """The first 238 demo pairs and 2 broken lines (under the 1% bad-row limit) as a JSONL file."""

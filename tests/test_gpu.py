@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import build_qwen2
 from test_logps import _alone_float64, _ragged_batch, _tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -90,18 +91,7 @@ def test_gradients_on_device_equal_float64(device, path, precision):
 
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory, demo_model) -> str:
-    """A small Qwen2-shaped model (GQA, q/k/v bias, tied head) with random weights and the demo tokenizer."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    out = tmp_path_factory.mktemp("qwen2-small")
-    tok = AutoTokenizer.from_pretrained(demo_model)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    return build_qwen2(tmp_path_factory.mktemp("qwen2-small"), demo_model)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
