@@ -67,8 +67,6 @@ def _empty_model(path: str, trust_remote_code: bool, token: str | None) -> nn.Mo
 def build_policy(cfg, policy_path: str, rank: int, world: int, device: torch.device, bf16: bool):
     """(policy, wrapper, model): `policy` is what the loop calls and steps, `wrapper` the PolicyLogps (its collate),
     `model` the HF (or peft) model inside, for checkpoints and export."""
-    import ray.train.torch
-
     t, m = cfg.train, cfg.model
     fsdp = t.strategy == "fsdp"
     if fsdp and rank != 0:
@@ -81,6 +79,8 @@ def build_policy(cfg, policy_path: str, rank: int, world: int, device: torch.dev
         enable_activation_checkpointing(model)
     wrapper = PolicyLogps(model, attention=t.attention)  # packed pairs (prompt once per pair, no padding) when the model allows
     if not fsdp:
+        import ray.train.torch
+
         return ray.train.torch.prepare_model(wrapper), wrapper, model  # DDP on >1 worker; moves to device
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
