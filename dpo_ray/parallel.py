@@ -86,7 +86,7 @@ def build_policy(cfg, policy_path: str, rank: int, world: int, device: torch.dev
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index or 0)
     full = model.state_dict() if rank == 0 else {}  # rank 0's tensors, the only full copy (no clone)
     buffers = {k: b.clone() for k, b in model.named_buffers()}
     shard(wrapper, bf16, t.cpu_offload)
