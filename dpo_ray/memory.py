@@ -30,7 +30,12 @@ def model_size(path: str, trust_remote_code: bool = False, token: str | None = N
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, token=token)
+    from .model import ModelError
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, token=token)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the config of model {path}: {str(e).splitlines()[0]}") from e
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
         model.tie_weights()

@@ -31,8 +31,22 @@ def ref_cache(tmp_path_factory, ray_local, cache_dir, small_pairs, demo_model):
 
 
 def pids_of(pattern: str) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split(None, 1)[0]) for line in out.splitlines() if pattern in line and "ps -eo" not in line]
+    """Processes matching `pattern` that descend from this test process (its own Ray runtime's workers), so that a
+    second Ray job on the same machine (another test run, a user's run) is never touched."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    parent, args = {}, {}
+    for line in out.splitlines():
+        pid, ppid, *rest = line.split(None, 2)
+        parent[int(pid)], args[int(pid)] = int(ppid), rest[0] if rest else ""
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            if pid == os.getpid():
+                return True
+            pid = parent.get(pid, 1)
+        return False
+
+    return [pid for pid, a in args.items() if pattern in a and "ps -eo" not in a and ours(pid)]
 
 
 def train(cfg, ref, demo_model, tracking=(None, None)):

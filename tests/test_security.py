@@ -19,16 +19,16 @@ class Payload:
 
 
 def test_checkpoint_optimizer_state_refuses_pickled_code(tmp_path, demo_model):
-    from dpo_ray.train_loop import load_checkpoint, save_checkpoint
+    from dpo_ray import checkpoint
 
     model = load_model(demo_model)
     opt = torch.optim.AdamW(model.parameters())
-    save_checkpoint(model, opt, {"step": 1}, tmp_path)
-    assert load_checkpoint(model, opt, tmp_path)["step"] == 1  # a real checkpoint loads
+    checkpoint.save(tmp_path, model, model, opt, {"step": 1}, rank=0, fsdp=False, lora=False, final=False)
+    assert checkpoint.load(tmp_path, model, model, opt, fsdp=False, lora=False)["step"] == 1  # a real checkpoint loads
     torch.save({"state": {}, "param_groups": [], "evil": Payload()}, tmp_path / "optimizer.pt")
     Path("/tmp/dpo-ray-pwned").unlink(missing_ok=True)
     with pytest.raises(Exception, match="[Ww]eights only"):
-        load_checkpoint(model, opt, tmp_path)
+        checkpoint.load(tmp_path, model, model, opt, fsdp=False, lora=False)
     assert not Path("/tmp/dpo-ray-pwned").exists()
 
 
