@@ -1,13 +1,13 @@
 """Checkpoint formats, written at the loop's checkpoint steps and read back on resume.
 
 - ddp: rank 0 writes the model as a loadable HF directory (model.safetensors + config.json; with LoRA only the
-  adapter, `adapter/`), `optimizer.pt` (tensors only) and the RNG state.
+  adapter, `adapter/`) and `optimizer.pt` (tensors only).
 - fsdp: every rank writes its own shards with torch.distributed.checkpoint (`dcp/`, file names per rank), and
   every rank reports its directory to Ray Train, which gathers them into one checkpoint. `dcp.load` reshards, so a
   run resumes with another number of workers. With LoRA only the adapters and their optimizer state are saved.
 - At the last step the checkpoint also holds what is exported: the full model in HF format (gathered to rank 0's
   host memory, one copy) or, with LoRA, the adapter (`adapter/`, loadable with PeftModel.from_pretrained).
-Both formats keep `state.json` (step, first loss, ...) and rank 0's torch RNG state.
+Both formats keep `state.json` (step, first loss, ..., the strategy) and every rank's torch RNG state (rng_<rank>).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 ADAPTER = "adapter"
@@ -43,8 +44,8 @@ def save(directory: Path, policy, model, optimizer, state: dict, rank: int, fsdp
         else:
             model.save_pretrained(directory, safe_serialization=True)
         torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    save_file({"torch_rng": torch.get_rng_state()}, directory / f"rng_{rank}.safetensors")  # each rank its own (dropout)
     if rank == 0:
-        save_file({"torch_rng": torch.get_rng_state()}, directory / "rng.safetensors")
         (directory / "state.json").write_text(json.dumps({**state, "strategy": "fsdp" if fsdp else "ddp", "lora": lora}))
 
 
@@ -66,6 +67,10 @@ def export(directory: Path, model, rank: int, lora: bool) -> None:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     full = get_model_state_dict(model, options=_options(lora, full_state_dict=True, cpu_offload=True))
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):  # a tied head is saved once, as from_pretrained expects
+        if first.setdefault(id(p), name) != name:
+            full.pop(name, None)
     if rank == 0:
         model.save_pretrained(directory / ADAPTER if lora else directory, state_dict=full, safe_serialization=True)
 
@@ -92,5 +97,7 @@ def load(directory: Path, policy, model, optimizer, fsdp: bool, lora: bool) -> d
             model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)  # tied weights are saved once
             model.tie_weights()
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-    torch.set_rng_state(load_file(str(directory / "rng.safetensors"))["torch_rng"])
+    rng = directory / f"rng_{dist.get_rank() if dist.is_initialized() else 0}.safetensors"
+    if rng.exists():  # a rank the checkpoint did not have (resumed with more workers) keeps its seeded generator
+        torch.set_rng_state(load_file(str(rng))["torch_rng"])
     return json.loads((directory / "state.json").read_text())

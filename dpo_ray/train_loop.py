@@ -164,27 +164,24 @@ def train_loop_per_worker(config: dict) -> None:
                      m["rewards/margins"], m["grad_norm"], lr, m["tokens_per_second"], eta // 60, eta % 60)
             tracker.flush()
 
-        # checkpoint: every worker reports at the same steps (ddp: rank 0 writes the files; fsdp: every rank its shards)
+        # checkpoint: every worker writes its part and reports it at the same steps (dpo_ray.checkpoint)
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == total_steps:
             save = lambda d, st: checkpoint.save(d, policy, model, optimizer, st, rank, fsdp, lora, final=step + 1 == total_steps)  # noqa: E731
-            report(save, rank, fsdp, {"step": step + 1, "loss_first": loss_first, "loss_last": m["loss"],
+            report(save, {"step": step + 1, "loss_first": loss_first, "loss_last": m["loss"],
                                       "tokens_per_second": m["tokens_per_second"], "total_steps": total_steps})
     if start_step >= total_steps:  # resumed after the last step: report once so the run has a result
         save = lambda d, st: checkpoint.save(d, policy, model, optimizer, st, rank, fsdp, lora, final=True)  # noqa: E731
-        report(save, rank, fsdp, {"step": total_steps, "loss_first": loss_first, "loss_last": last.get("loss"), "total_steps": total_steps})
+        report(save, {"step": total_steps, "loss_first": loss_first, "loss_last": last.get("loss"), "total_steps": total_steps})
     tracker.flush()
     monitor.finish()
     if rank == 0:
         log.info("train: done, %d steps in %.0f s", total_steps - start_step, time.time() - t_start)
 
 
-def report(save, rank: int, fsdp: bool, state: dict) -> None:
-    """ray.train.report at a checkpoint step: ddp, rank 0 reports the directory it wrote; fsdp, every rank reports
-    its own (its DCP shard files; Ray Train gathers them into one checkpoint)."""
+def report(save, state: dict) -> None:
+    """ray.train.report at a checkpoint step: every rank reports the directory it wrote (its RNG state; with fsdp its
+    DCP shards; rank 0 also the model and state), and Ray Train gathers them into one checkpoint."""
     metrics = {k: v for k, v in state.items() if v is not None}
-    if rank != 0 and not fsdp:
-        ray.train.report(metrics, checkpoint=None)
-        return
     with tempfile.TemporaryDirectory() as d:
         save(Path(d), state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

@@ -242,7 +242,7 @@ def export_model(checkpoint, tokenizer, out_dir: Path, cfg: Config, policy_path:
         d = Path(d)
         if lora is None:
             copy = lambda tmp: [shutil.copy2(f, tmp / f.name) for f in d.iterdir()  # noqa: E731
-                                if f.name in ("config.json", "generation_config.json") or f.suffix == ".safetensors" and f.name != "rng.safetensors"]
+                                if f.name in ("config.json", "generation_config.json") or f.suffix == ".safetensors" and not f.name.startswith("rng")]
             return replace_dir(out_dir / "model", lambda tmp: (copy(tmp), tokenizer.save_pretrained(tmp)))
         adapter = replace_dir(out_dir / "adapter", lambda tmp: (shutil.copytree(d / ADAPTER, tmp, dirs_exist_ok=True), tokenizer.save_pretrained(tmp)))
     if not lora.merge:
