@@ -165,7 +165,7 @@ def check_memory(cfg: Config, policy_path: str, use_gpu: bool) -> dict:
     if gpu and p["total"] > gpu:
         log.warning("train: the plan's estimate (%.1f GB) is over the GPU's %.1f GB: lower train.batch_size_per_worker or data.max_length, "
                     "or set train.gradient_checkpointing=true", p["total"] / memory.GB, gpu / memory.GB)
-    return {"per_gpu" if gpu else "per_worker": {k: round(v / memory.GB, 3) for k, v in p.items()}, "params": size.params, "trainable": size.trainable}
+    return {"per_gpu" if gpu else "per_worker": {k: round(v / memory.GB, 6) for k, v in p.items()}, "params": size.params, "trainable": size.trainable}
 
 
 def git_commit() -> str | None:

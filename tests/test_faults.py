@@ -49,6 +49,25 @@ def pids_of(pattern: str) -> list[int]:
     return [pid for pid, a in args.items() if pattern in a and "ps -eo" not in a and ours(pid)]
 
 
+def kill_workers_after_first_checkpoint(storage: Path, timeout: float = 300) -> tuple[threading.Thread, list[int]]:
+    """A thread that SIGKILLs this test's Ray Train workers once a checkpoint under `storage` has its state.json;
+    returns it (started) and the list of the pids it killed."""
+    killed: list[int] = []
+
+    def watch():
+        deadline = time.time() + timeout
+        while time.time() < deadline and not killed:
+            if [p for p in storage.glob("*/checkpoint_*") if (p / "state.json").exists()]:
+                for pid in pids_of("RayTrainWorker"):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return watcher, killed
+
+
 def train(cfg, ref, demo_model, tracking=(None, None)):
     from pipeline.train import run
 
@@ -73,20 +92,7 @@ def test_killed_worker_resumes_to_the_same_weights(ref_cache, demo_model, tmp_pa
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = MlflowClient(uri).create_run(ensure_experiment(uri, "faults")).info.run_id
-    storage = tmp_path / "killed" / "ray_train"
-    killed = []
-
-    def kill_after_first_checkpoint():
-        deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            if [p for p in storage.glob("*/checkpoint_*") if p.is_dir()]:
-                for pid in pids_of("RayTrainWorker"):
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    watcher.start()
+    watcher, killed = kill_workers_after_first_checkpoint(tmp_path / "killed" / "ray_train")
     result = train(killed_cfg, ref, demo_model, (uri, run_id))
     watcher.join(timeout=1)
     assert killed, "no training worker was found to kill"
