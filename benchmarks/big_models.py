@@ -8,9 +8,10 @@ step, timed with CUDA synchronisation over the measured steps after warm-up.
 python benchmarks/big_models.py --device cuda --out big.json          # on the GPU machine
 python benchmarks/big_models.py --device cpu --out /tmp/big.json      # the dry run here: tiny shapes, same code
 
-Prints one JSON line per row and a table; MFU counts 6N FLOPs per token for a full fine-tune and 4N for LoRA (no
-weight gradients for the frozen base), N = all parameters but the input embedding, against the bf16 matmul peak
-measured in the same process (benchmarks/peak.py).
+Prints one JSON line per row and a table; tokens/s counts chosen + rejected tokens (the prompt in both, as every row
+of RESULTS.md does); MFU counts the positions the model computes (the prompt once per pair) at 6N FLOPs for a full
+fine-tune and 4N for LoRA (no weight gradients for the frozen base), N = all parameters but the input embedding,
+against the bf16 matmul peak measured in the same process (benchmarks/peak.py).
 """
 from __future__ import annotations
 
@@ -83,8 +84,9 @@ def steps(policy, wrapper, optimizer, rows, device, n_warm: int, n_meas: int, bs
         losses.append(loss.item())
     sync()
     seconds = time.perf_counter() - t0
-    return {"tokens": batch["tokens"], "seconds": seconds, "step_seconds": seconds / n_meas, "tokens_per_s": batch["tokens"] * n_meas / seconds,
-            "losses": losses}
+    positions = batch["input_ids"].numel()  # what the model computes: a packed row, the prompt once per pair
+    return {"tokens": batch["tokens"], "positions": positions, "seconds": seconds, "step_seconds": seconds / n_meas,
+            "tokens_per_s": batch["tokens"] * n_meas / seconds, "positions_per_s": positions * n_meas / seconds, "losses": losses}
 
 
 def lora_row(device, shape, spec) -> dict:
@@ -162,7 +164,7 @@ def main() -> None:
                     torch.cuda.reset_peak_memory_stats()
                 row = lora_row(device, SHAPES[a.device]["7b"], spec) if name == "lora" else fsdp_row(device, SHAPES[a.device]["1.5b"], spec, Path(work))
                 row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-                row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / top["flops_per_s"]
+                row["mfu"] = row["flops_per_token"] * row["positions_per_s"] / top["flops_per_s"]
             except Exception as e:  # one row failing still leaves the other's numbers
                 row = {"row": name, "error": f"{type(e).__name__}: {str(e)[:500]}"}
             row["wall_s"] = time.perf_counter() - t
@@ -174,12 +176,12 @@ def main() -> None:
                 gc.collect()
                 torch.cuda.empty_cache()
     Path(a.out).write_text(json.dumps(results, indent=1))
-    print(f"\npeak: {top['name']} {top['flops_per_s'] / 1e12:.1f} TFLOP/s\n\n| row | params | trainable | tokens/step | tokens/s | MFU | peak GPU MB | build s |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\npeak: {top['name']} {top['flops_per_s'] / 1e12:.1f} TFLOP/s\n\n| row | params | trainable | tokens/step | positions/step | tokens/s | MFU | peak GPU MB | build s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["rows"]:
         if "error" in r:
             print(f"| {r['row']} | error: {r['error'][:200]} |")
         else:
-            print(f"| {r['row']} | {r['params'] / 1e9:.2f}B | {r['trainable'] / 1e6:.1f}M | {r['tokens']:,} | {r['tokens_per_s']:,.0f} | "
+            print(f"| {r['row']} | {r['params'] / 1e9:.2f}B | {r['trainable'] / 1e6:.1f}M | {r['tokens']:,} | {r['positions']:,} | {r['tokens_per_s']:,.0f} | "
                   f"{r['mfu']:.1%} | {r['peak_gpu_mb'] or 0:,.0f} | {r['build_s']:.0f} |")
 
 
