@@ -3,29 +3,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from dpo_ray.rows import CacheReadError
 from dpo_ray.train_loop import train_loop_per_worker
 
 from .artifacts import fingerprint
-from .reference import read_split
+from .reference import split_files
 
 
 def run(cfg, ref, policy_path: str, pad_id: int, use_gpu: bool, cpus_per_worker: float, tracking_uri: str | None, run_id: str | None):
     """Returns the ray.train.Result. The Ray run name is a fingerprint of the inputs and the train config,
     so rerunning the same thing resumes its last checkpoint instead of starting over."""
-    name = "dpo-" + fingerprint(ref.key, policy_path, cfg.train.model_dump(exclude={"max_failures", "log_every"}), cfg.seed)
+    name = "dpo-" + fingerprint(ref.key, policy_path, cfg.train.model_dump(exclude={"max_failures", "log_every", "prefetch_steps"}), cfg.seed)
     storage = cfg.train.storage_path or str(Path(cfg.output_dir).resolve() / "ray_train")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "policy_path": policy_path, "pad_id": pad_id,
-                           "tracking_uri": tracking_uri, "run_id": run_id},
+                           "tracking_uri": tracking_uri, "run_id": run_id,
+                           # the workers read their own rows of each step from these files (dpo_ray/rows.py): no Ray
+                           # Dataset, so nothing of the train set passes through the object store
+                           "train_files": split_files(ref.parts, "train"), "drop_ids": list(ref.drop_ids)},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": read_split(ref.parts, "train", ref.drop_ids)},
-        dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads all rows, takes its slice (see train_loop)
     )
     try:
         return trainer.fit()
@@ -34,17 +36,18 @@ def run(cfg, ref, policy_path: str, pad_id: int, use_gpu: bool, cpus_per_worker:
 
 
 class TrainingError(RuntimeError):
-    """Training stopped for a reason the user can act on (non-finite loss)."""
+    """Training stopped for a reason the user can act on (non-finite loss, a cached file that cannot be read)."""
 
 
 def training_error(err: BaseException) -> BaseException:
     seen, e = set(), err
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, FloatingPointError):
+        if isinstance(e, (FloatingPointError, CacheReadError)):
             return TrainingError(str(e))
         e = e.__cause__ or e.__context__
     text = str(err)
-    if "FloatingPointError: " in text:  # a worker's exception arrives as text in Ray's WorkerGroupError
-        return TrainingError(text.split("FloatingPointError: ", 1)[1].splitlines()[0])
+    for name in ("FloatingPointError: ", "CacheReadError: "):  # a worker's exception arrives as text in Ray's WorkerGroupError
+        if name in text:
+            return TrainingError(text.split(name, 1)[1].splitlines()[0])
     return err
