@@ -126,14 +126,14 @@ def completed(loc: Location | Path) -> Location | None:
     data = loc / first if first.startswith(ATTEMPT) and "/" not in first else loc
     problem = damage(data, json.loads(rest)["files"]) if rest.strip() else None
     if problem:
-        if str(data) not in _reported:
-            _reported.add(str(data))
+        if problem not in _reported:
+            _reported.add(problem)
             log.warning("cache: %s; that part of the cache is recomputed", problem)
         return None
     return data
 
 
-_reported: set[str] = set()  # damaged directories already reported by this process
+_reported: set[str] = set()  # problems already reported by this process (completed() is asked more than once)
 
 
 def manifest(d: Location) -> dict:
