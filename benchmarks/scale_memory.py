@@ -4,7 +4,7 @@ generated pairs, through the real train path (pipeline.train.run: Ray Train, the
 The pairs are written directly as a reference cache part (as the reference stage writes it: row groups of 64 rows,
 a pair_tokens column, a marker with its manifest), since scoring 10 x N pairs on 2 CPUs would take an hour; what is
 measured is training, which only reads that cache. Token ids are random (ids < the demo tokenizer's vocabulary), with
-a shared prompt: prompt 100 tokens, replies 200-300, so a pair is ~4 KiB of Arrow (int32 ids, int8 masks).
+a shared prompt: prompt 100 tokens, replies 250-350 (sequences of ~400 tokens), so a pair is ~4 KiB of Arrow (int32 ids, int8 masks).
 
 Peak RSS: the worker's own train/host_memory_peak_mb (ru_maxrss) where the code reports it, and /proc VmHWM of the
 RayTrainWorker processes polled from here (the only figure for code older than that metric).
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-PROMPT, REPLY = 100, (200, 300)
+PROMPT, REPLY = 100, (250, 351)
 ROWS_PER_FILE = 5000
 
 
@@ -102,6 +102,7 @@ def measure(n_pairs: int, work: Path, model: str, pad_id: int, steps: int) -> di
     part = write_reference_part(work / f"ref-{n_pairs}", n_pairs, vocab)
     assert sum(pq.ParquetFile(f).metadata.num_rows for f in (part / "train").glob("*.parquet")) == n_pairs
     size = sum(f.stat().st_size for f in (part / "train").glob("*.parquet")) / 2**20
+    arrow = sum(pq.read_table(f).nbytes for f in (part / "train").glob("*.parquet")) / 2**20  # one file at a time
     gen_s = time.time() - t0
     cfg = load_config(None, [f"output_dir={work / f'out-{n_pairs}'}", f"cache_dir={work / 'cache'}", "train.batch_size_per_worker=2",
                              f"train.max_steps={steps}", f"train.checkpoint_every={steps}", "train.log_every=1", "train.lr=1e-4",
@@ -124,14 +125,9 @@ def measure(n_pairs: int, work: Path, model: str, pad_id: int, steps: int) -> di
     done.set()
     watcher.join()
     m = result.metrics or {}
-    return {"pairs": n_pairs, "parquet_mb": round(size, 1), "arrow_mb_estimate": round(n_pairs * _arrow_bytes_per_pair() / 2**20, 1),
+    return {"pairs": n_pairs, "parquet_mb": round(size, 1), "arrow_mb": round(arrow, 1),
             "generate_seconds": round(gen_s, 1), "train_seconds": round(time.time() - t1, 1), "steps": m.get("step"),
             "host_memory_peak_mb": m.get("host_memory_peak_mb"), "vmhwm_mb": round(max(peaks.values()), 1) if peaks else None}
-
-
-def _arrow_bytes_per_pair() -> float:
-    mean_seq = PROMPT + sum(REPLY) / 2
-    return 2 * mean_seq * (4 + 1) + 4 * 4 + 8 + 4 + 20  # ids int32 + masks int8 for both sides, offsets, floats, row_id
 
 
 def main() -> None:
