@@ -266,3 +266,22 @@ def test_train_checkpoints_to_an_object_store(s3, tmp_path, small_pairs):
     ckpts = {Path(p).parent.name for p in weights}
     assert len(ckpts) == 2 and all(c.startswith("checkpoint_") for c in ckpts)  # steps 3 and 6 (num_to_keep=2)
     assert (Path(summary["model_dir"]) / "model.safetensors").is_file()
+
+
+def test_train_rows_read_by_index_from_an_object_store(s3):
+    """The train workers' reader over s3:// files: the same rows as the whole table, in row_id order, without the dropped ones."""
+    import numpy as np
+
+    from dpo_ray.rows import RowIndex, RowReader
+    from test_streaming import random_pairs
+
+    full = random_pairs(40, 5)
+    files = []
+    for i, part in enumerate((full.slice(20), full.slice(0, 20))):  # files in no particular row order
+        path = f"{BUCKET}/unit/rows/p{i}.parquet"
+        pq.write_table(part, path, filesystem=s3.fs, row_group_size=8)
+        files.append((s3.fs, path))
+    index = RowIndex(files, ["f.jsonl:3"])
+    want = full.filter(pa.compute.not_equal(full["row_id"], "f.jsonl:3")).sort_by("row_id")
+    positions = np.array([38, 0, 17, 5, 5 + 1])
+    assert len(index) == 39 and RowReader(index).read(positions).to_pylist() == want.take(pa.array(positions)).to_pylist()
