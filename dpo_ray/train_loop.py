@@ -55,11 +55,12 @@ def micro_batches(tokens: list[int], bs: int, budget: int | None) -> list[list[i
     return [list(range(i, min(i + bs, len(tokens)))) for i in range(0, len(tokens), bs)]
 
 
-def micro_loss(policy, batch: dict, t, step_pairs: int, nll_tokens: int):
+def micro_loss(policy, batch: dict, t, step_pairs: int, nll_tokens: int, precision=nullcontext()):
     """A micro-batch's share of this worker's step loss: the sum of its pairs' DPO losses / the worker's pairs in the step
     (+ the RPO NLL term, per chosen token of the worker's step), so the step's gradient is the same however its pairs are
     grouped. Returns (loss, per-pair losses, chosen rewards, rejected rewards, chosen logps, rejected logps)."""
-    logps, counts = policy(batch)  # (2B,) order [chosen; rejected]
+    with precision:  # the forward in the training precision; the loss in fp32
+        logps, counts = policy(batch)  # (2B,) order [chosen; rejected]
     b = len(batch["ref_chosen_logps"])
     pc, pr, lc, lr_ = logps[:b], logps[b:], counts[:b], counts[b:]
     losses, cr, rr = dpo_loss(pc, pr, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=t.beta, loss_type=t.loss_type,
@@ -167,8 +168,7 @@ def train_loop_per_worker(config: dict) -> None:
             # all-reduce once per step: on the last micro-batch (each worker has one, however many it has)
             sync = policy.no_sync() if world > 1 and micro < len(groups) - 1 else nullcontext()
             with sync:
-                with precision:
-                    loss, losses, cr, rr, pc, pr = micro_loss(policy, batch, t, table.num_rows, nll_tokens)
+                loss, losses, cr, rr, pc, pr = micro_loss(policy, batch, t, table.num_rows, nll_tokens, precision)
                 loss.backward()
             parts.append((losses.detach(), cr, rr, pc.detach(), pr.detach()))
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
