@@ -18,9 +18,9 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
-import logging
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -141,22 +141,22 @@ def manifest(d: Location) -> dict:
     import pyarrow.parquet as pq
 
     out = {}
-    infos = d.fs.get_file_info(pafs.FileSelector(d.path, recursive=True, allow_not_found=True))
-    for i in sorted(infos, key=lambda i: i.path):
-        if i.type != pafs.FileType.File:
-            continue
-        name = i.path[len(d.path.rstrip("/")) + 1:]
-        entry = {"size": i.size}
+    for name, info in sorted(_files(d).items()):
+        out[name] = {"size": info.size}
         if name.endswith(".parquet"):
-            entry["rows"] = pq.ParquetFile(i.path, filesystem=d.fs).metadata.num_rows
-        out[name] = entry
+            out[name]["rows"] = pq.ParquetFile(info.path, filesystem=d.fs).metadata.num_rows
     return out
+
+
+def _files(d: Location) -> dict:
+    """{name relative to d: FileInfo} of every file under d, from one recursive listing."""
+    infos = d.fs.get_file_info(pafs.FileSelector(d.path, recursive=True, allow_not_found=True))
+    return {i.path[len(d.path.rstrip("/")) + 1:]: i for i in infos if i.type == pafs.FileType.File}
 
 
 def damage(d: Location, files: dict) -> str | None:
     """What is wrong with d's files against a manifest (the first problem, naming the file), or None."""
-    infos = d.fs.get_file_info(pafs.FileSelector(d.path, recursive=True, allow_not_found=True))
-    sizes = {i.path[len(d.path.rstrip("/")) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+    sizes = {name: info.size for name, info in _files(d).items()}
     for name, entry in files.items():
         if name not in sizes:
             return f"{d / name} is missing"

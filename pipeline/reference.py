@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dpo_ray.forward import use_bf16
-from dpo_ray.packing import pair_tokens
 from dpo_ray.model import fingerprint_model
+from dpo_ray.packing import pair_tokens
 from dpo_ray.scoring import LogpsScorer, scoring_precision
 
 from .artifacts import DONE, complete_dir, completed, fingerprint, is_complete
@@ -27,7 +27,8 @@ from .storage import Location, open_location
 
 log = logging.getLogger("dpo_ray")
 VERSION = 2  # 2: pair_tokens column, row groups of ROW_GROUP rows, a manifest in each split's marker
-ROW_GROUP = 64  # rows per Parquet row group: a train worker reading one row decodes its row group (measured, NOTES)
+ROW_GROUP = 64  # rows per Parquet row group: a train worker reading one row decodes its row group. Measured for 16 random
+# pairs of ~400-token sequences (local disk): 64 rows 27 ms, 16 rows 50 ms (more groups, more metadata), 1024 rows 206 ms
 
 
 @dataclass
