@@ -74,8 +74,11 @@ class DataConfig(_Strict):
 
 
 class ReferenceConfig(_Strict):
-    batch_size: int = Field(16, ge=1)  # pairs per forward; larger than training is fine (no grads)
-    num_actors: int = Field(1, ge=1)  # one model copy each; one GPU each when GPUs exist
+    batch_size: int = Field(16, ge=1)  # pairs per block handed to an actor (and per forward without a token budget)
+    max_tokens_per_batch: int | None = Field(None, ge=1)  # packed tokens per forward: a block is sorted by length and
+    # split into forwards of at most this many tokens (a longer pair alone); None: one forward per block
+    num_actors: int = Field(1, ge=1)  # the most actors: one model copy each; one GPU each when GPUs exist
+    min_actors: int = Field(1, ge=1)  # the pool autoscales between min_actors and num_actors as the cluster allows
     cpus_per_actor: float = Field(0.5, gt=0)  # < 1 leaves CPU for Ray Data's read tasks on small machines
     gpus_per_actor: int = Field(1, ge=1)  # >1: a reference model too big for one GPU is split over the actor's GPUs
     # (transformers device_map="auto"); the log says how it was placed
@@ -111,8 +114,12 @@ class TrainConfig(_Strict):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)  # cap on optimizer steps (after epochs are counted)
-    batch_size_per_worker: int = Field(8, ge=1)  # pairs per micro-batch per worker
+    batch_size_per_worker: int = Field(8, ge=1)  # pairs per micro-batch per worker; x workers x grad_accum_steps = pairs per step
     grad_accum_steps: int = Field(1, ge=1)
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1)  # packed tokens (prompt once per pair) per micro-batch: a
+    # worker's pairs of a step (batch_size_per_worker x grad_accum_steps) are split into micro-batches filled up to this
+    # budget (a longer pair alone); the loss is averaged over the step's pairs. None: micro-batches of batch_size_per_worker
+    prefetch_steps: int = Field(2, ge=0)  # steps of rows each worker reads ahead (a background thread); its memory bound
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     bf16: bool | Literal["auto"] = "auto"  # bf16 autocast, fp32 master weights; auto: on CUDA and on CPUs with native bf16
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, the forward runs twice

@@ -41,6 +41,43 @@ def shared_prefix(chosen: np.ndarray, rejected: np.ndarray) -> int:
     return int(diff[0]) if len(diff) else n
 
 
+def pair_tokens(rows) -> list[int]:
+    """Each pair's packed length (chosen + the rejected tail after the shared prefix): what a packed batch holds of it,
+    and what the token budgets count. `rows`: a pyarrow Table or a dict of lists with the two input_ids columns."""
+    chosen, rejected = rows["chosen_input_ids"], rows["rejected_input_ids"]
+    if hasattr(chosen, "combine_chunks"):  # a pyarrow column: flat values and offsets, no Python lists
+        return _pair_tokens_arrow(chosen.combine_chunks(), rejected.combine_chunks())
+    out = []
+    for c, r in zip(chosen, rejected):
+        c, r = np.asarray(c), np.asarray(r)
+        out.append(len(c) + len(r) - shared_prefix(c, r))
+    return out
+
+
+def _pair_tokens_arrow(chosen, rejected) -> list[int]:
+    co, cv = chosen.offsets.to_numpy(), chosen.values.to_numpy()
+    ro, rv = rejected.offsets.to_numpy(), rejected.values.to_numpy()
+    return [int(co[i + 1] - co[i] + ro[i + 1] - ro[i] - shared_prefix(cv[co[i]:co[i + 1]], rv[ro[i]:ro[i + 1]]))
+            for i in range(len(chosen))]
+
+
+def token_budget_groups(tokens: list[int], budget: int) -> list[list[int]]:
+    """Indices into `tokens` grouped into micro-batches of at most `budget` tokens each (a longer item is a group alone):
+    longest first, each into the first group it fits (first-fit decreasing). Deterministic for given tokens."""
+    order = sorted(range(len(tokens)), key=lambda i: (-tokens[i], i))
+    groups, room = [], []
+    for i in order:
+        for g, left in enumerate(room):
+            if tokens[i] <= left:
+                groups[g].append(i)
+                room[g] -= tokens[i]
+                break
+        else:
+            groups.append([i])
+            room.append(budget - tokens[i])
+    return groups
+
+
 def _scored(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(source positions, targets) of the scored tokens: position t-1 predicts ids[t] for mask[t] = 1, t >= 1."""
     t = np.flatnonzero(mask[1:]) + 1

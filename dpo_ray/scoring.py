@@ -18,6 +18,7 @@ import torch
 
 from .forward import PolicyLogps, autocast
 from .model import load_model, load_tokenizer
+from .packing import pair_tokens, token_budget_groups
 
 log = logging.getLogger("dpo_ray")
 
@@ -29,7 +30,8 @@ def scoring_precision(bf16: bool, bf16_weights: bool = False) -> str:
 
 class LogpsScorer:
     def __init__(self, model_path: str, tokenizer_path: str, prefix: str, trust_remote_code: bool = False, threads: int | None = None,
-                 token: str | None = None, bf16: bool = False, attention: str = "sdpa", bf16_weights: bool = False):
+                 token: str | None = None, bf16: bool = False, attention: str = "sdpa", bf16_weights: bool = False,
+                 max_tokens: int | None = None):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -45,6 +47,7 @@ class LogpsScorer:
         self.precision = autocast(bf16, self.device)
         self.pad_id = load_tokenizer(tokenizer_path, trust_remote_code, token).pad_token_id
         self.prefix = prefix
+        self.max_tokens = max_tokens  # packed tokens per forward; None: the whole block in one forward
 
     def logps(self, cols: dict) -> torch.Tensor:
         """(2B,) float32 on the CPU, order [chosen; rejected], from rows of token ids and loss masks."""
@@ -53,8 +56,15 @@ class LogpsScorer:
         return logps.float().cpu()
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        cols = {k: table.column(k).to_pylist() for k in ("chosen_input_ids", "rejected_input_ids", "chosen_loss_mask", "rejected_loss_mask")}
-        logps = self.logps(cols).numpy().astype(np.float32)
+        """The block's pairs sorted by length and scored in forwards of at most max_tokens packed tokens each (a longer
+        pair alone); the log-probs are put back in the block's row order."""
         n = table.num_rows
+        groups = token_budget_groups(pair_tokens(table), self.max_tokens) if self.max_tokens else [list(range(n))]
+        logps = np.zeros(2 * n, dtype=np.float32)
+        for idx in groups:
+            part = table.take(pa.array(idx, type=pa.int64()))
+            cols = {k: part.column(k).to_pylist() for k in ("chosen_input_ids", "rejected_input_ids", "chosen_loss_mask", "rejected_loss_mask")}
+            out = self.logps(cols).numpy().astype(np.float32)
+            logps[idx], logps[[n + i for i in idx]] = out[: len(idx)], out[len(idx):]
         table = table.append_column(f"{self.prefix}chosen_logps", pa.array(logps[:n], type=pa.float32()))
         return table.append_column(f"{self.prefix}rejected_logps", pa.array(logps[n:], type=pa.float32()))

@@ -1,17 +1,22 @@
 """train_loop_per_worker(config): the whole DPO step loop, top to bottom, run by each Ray Train worker.
 
 The batch order is [chosen; rejected] (2B, T); reference log-probs come from the cached columns, so
-no reference model is loaded here. Every worker reads the whole (small, tokenized) train table and
-takes a fixed 1/world slice of each epoch's seeded permutation: the data order is then independent
-of Ray's scheduling, which is what makes a resumed run equal to an uninterrupted one.
+no reference model is loaded here. Every worker holds a small index of the cached train rows (row_id order and
+packed lengths, 12 bytes a pair; dpo_ray/rows.py) and reads only its own rows of each step from the cached Parquet,
+a few steps ahead: its memory does not grow with the dataset. A step's rows are a fixed 1/world slice of each epoch's
+seeded permutation: the data order is independent of Ray's scheduling, which is what makes a resumed run equal to an
+uninterrupted one. With train.max_tokens_per_micro_batch a worker's pairs of a step are regrouped into micro-batches by
+packed tokens; the loss is a sum over pairs divided by the step's pair count, so the update does not depend on the grouping.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+import resource
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import ray.train
@@ -24,10 +29,11 @@ from .config import Config
 from .forward import autocast, use_bf16
 from .losses import dpo_loss
 from .metrics import dpo_metrics
+from .packing import token_budget_groups
+from .rows import RowIndex, RowReader, as_lists, prefetched, step_positions
 from .tracking import run_logger, system_metrics
 
 log = logging.getLogger("dpo_ray")
-COLUMNS = ["row_id", "chosen_input_ids", "rejected_input_ids", "chosen_loss_mask", "rejected_loss_mask", "ref_chosen_logps", "ref_rejected_logps"]
 
 
 def lr_at(step: int, total: int, cfg) -> float:
@@ -39,17 +45,54 @@ def lr_at(step: int, total: int, cfg) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def load_rows(shard) -> dict[str, list]:
-    """The whole train table as Python lists, sorted by row_id (so the order never depends on Ray)."""
-    import pyarrow as pa
+def micro_batches(tokens: list[int], bs: int, budget: int | None) -> list[list[int]]:
+    """A worker's pairs of a step (positions 0..n-1) split into micro-batches: by a packed-token budget (a longer pair
+    alone), or without one in consecutive slices of bs pairs, as before budgets existed."""
+    if budget:
+        return token_budget_groups(tokens, budget)
+    return [list(range(i, min(i + bs, len(tokens)))) for i in range(0, len(tokens), bs)]
 
-    table = pa.concat_tables(list(shard.iter_batches(batch_format="pyarrow", batch_size=4096)))
-    table = table.select(COLUMNS).sort_by("row_id")
-    return {k: table.column(k).to_pylist() for k in COLUMNS}
+
+def split_to(groups: list[list[int]], n: int) -> list[list[int]]:
+    """The same pairs in n micro-batches (n <= pairs): the largest group halved until there are n."""
+    groups = [list(g) for g in groups]
+    while len(groups) < n:
+        i = max(range(len(groups)), key=lambda j: len(groups[j]))
+        g = groups.pop(i)
+        groups[i:i] = [g[: len(g) // 2], g[len(g) // 2 :]]
+    return groups
 
 
-def take(rows: dict[str, list], idx: list[int]) -> dict[str, list]:
-    return {k: [v[i] for i in idx] for k, v in rows.items()}
+def max_over_workers(n: int) -> int:
+    x = torch.tensor([n])
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return int(x.item())
+
+
+def micro_loss(policy, batch: dict, t, step_pairs: int, nll_tokens: int, precision=nullcontext()):
+    """A micro-batch's share of this worker's step loss: the sum of its pairs' DPO losses / the worker's pairs in the step
+    (+ the RPO NLL term, per chosen token of the worker's step), so the step's gradient is the same however its pairs are
+    grouped. Returns (loss, per-pair losses, chosen rewards, rejected rewards, chosen logps, rejected logps)."""
+    with precision:  # the forward in the training precision; the loss in fp32
+        logps, counts = policy(batch)  # (2B,) order [chosen; rejected]
+    b = len(batch["ref_chosen_logps"])
+    pc, pr, lc, lr_ = logps[:b], logps[b:], counts[:b], counts[b:]
+    losses, cr, rr = dpo_loss(pc, pr, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=t.beta, loss_type=t.loss_type,
+                              label_smoothing=t.label_smoothing, chosen_lengths=lc, rejected_lengths=lr_, simpo_gamma=t.simpo_gamma)
+    loss = losses.sum() / step_pairs
+    if t.nll_weight > 0:  # RPO: NLL of the chosen replies, per token of the worker's step
+        loss = loss + t.nll_weight * (-pc.sum() / nll_tokens)
+    return loss, losses, cr, rr, pc, pr
+
+
+def scored_tokens(masks: list[list[int]]) -> int:
+    """Tokens scored in these loss masks (position 0 predicts nothing)."""
+    return sum(sum(m[1:]) for m in masks)
+
+
+def host_memory_peak_mb() -> float:
+    """This process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -64,9 +107,11 @@ def train_loop_per_worker(config: dict) -> None:
     tracker = run_logger(config["tracking_uri"], config["run_id"], enabled=rank == 0)
     monitor = system_metrics(config["tracking_uri"], config["run_id"], "train_rank0", enabled=rank == 0 and cfg.mlflow.system_metrics)
 
-    # [1] data: the whole table on every worker, a seeded permutation per epoch, a fixed slice per rank
-    rows = load_rows(ray.train.get_dataset_shard("train"))
-    n_pairs, bs, accum = len(rows["row_id"]), t.batch_size_per_worker, t.grad_accum_steps
+    # [1] data: a small index of the cached rows on every worker; each step reads this rank's slice of the epoch's
+    # seeded permutation from the cached Parquet, prefetch_steps ahead
+    index = RowIndex(config["train_files"], config["drop_ids"])
+    reader = RowReader(index)
+    n_pairs, bs, accum = len(index), t.batch_size_per_worker, t.grad_accum_steps
     pairs_per_step = bs * world * accum
     steps_per_epoch = n_pairs // pairs_per_step
     if steps_per_epoch == 0:
@@ -87,10 +132,14 @@ def train_loop_per_worker(config: dict) -> None:
             state = checkpoint.load(Path(d), policy, model, optimizer, fsdp, lora)
         start_step, loss_first = state["step"], state.get("loss_first")
         log.info("rank %d: resumed from checkpoint at step %d", rank, start_step)
+    rows_of_step = lambda step: reader.read(step_positions(n_pairs, cfg.seed, step, steps_per_epoch, rank, world, bs, accum))
+    batches = prefetched(rows_of_step, range(start_step, total_steps), ahead=t.prefetch_steps)
     if rank == 0:
         n_train = sum(p.numel() for p in parallel.trainable(model))
-        log.info("train: %d pairs, %d workers x %d pairs x %d accumulation = %d pairs/step, %d steps/epoch, %d steps, "
-                 "batches %s%s, precision %s, %s%s", n_pairs, world, bs, accum, pairs_per_step, steps_per_epoch, total_steps,
+        log.info("train: %d pairs (index %.1f MB a worker), %d workers x %d pairs x %d accumulation = %d pairs/step, %d steps/epoch, "
+                 "%d steps, micro-batches %s, batches %s%s, precision %s, %s%s", n_pairs, index.nbytes() / 2**20, world, bs, accum,
+                 pairs_per_step, steps_per_epoch, total_steps,
+                 f"of up to {t.max_tokens_per_micro_batch} packed tokens" if t.max_tokens_per_micro_batch else f"of {bs} pairs",
                  f"packed (prompt once per pair, no padding; {t.attention} attention)" if wrapper.packed else "padded to the longest sequence",
                  ", activation checkpointing" if t.gradient_checkpointing else "",
                  "bf16 autocast" if bf16 else "fp32 (set train.bf16=true to force bf16; this CPU has no native bf16)" if device.type == "cpu" else "fp32",
@@ -100,32 +149,24 @@ def train_loop_per_worker(config: dict) -> None:
     # [3] the loop
     policy.train()
     nonfinite, t_start, step_times, last = 0, time.time(), [], {}
-    order, order_epoch = [], -1
     for step in range(start_step, total_steps):
         t0 = time.time()
-        epoch, pos = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:  # the permutation is a function of (seed, epoch): built once per epoch
-            order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
-            order_epoch = epoch
+        table = next(batches)  # this rank's bs x accum pairs of the step, read ahead
         lr = lr_at(step, total_steps, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        groups = micro_batches(table["pair_tokens"].to_pylist(), bs, t.max_tokens_per_micro_batch)
+        if fsdp and world > 1 and t.max_tokens_per_micro_batch:  # every forward all-gathers: the same count on every rank
+            groups = split_to(groups, max_over_workers(len(groups)))
+        nll_tokens = scored_tokens(table["chosen_loss_mask"].to_pylist()) if t.nll_weight > 0 else 1
         parts, tokens = [], 0
-        for micro in range(accum):
-            first = ((pos * accum + micro) * world + rank) * bs
-            batch = wrapper.collate(take(rows, order[first : first + bs]), config["pad_id"], device)
+        for micro, idx in enumerate(groups):
+            batch = wrapper.collate(as_lists(table, idx), config["pad_id"], device)
             tokens += batch["tokens"]  # real tokens of the chosen and rejected sequences (prompt counted in both)
-            with parallel.sync_gradients(policy, world, last_micro=micro == accum - 1):  # reduce once per step
-                with precision:
-                    logps, counts = policy(batch)  # (2B,) order [chosen; rejected]
-                pc, pr, lc, lr_ = logps[:bs], logps[bs:], counts[:bs], counts[bs:]
-                losses, cr, rr = dpo_loss(pc, pr, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=t.beta,
-                                          loss_type=t.loss_type, label_smoothing=t.label_smoothing, chosen_lengths=lc,
-                                          rejected_lengths=lr_, simpo_gamma=t.simpo_gamma)
-                loss = losses.mean()
-                if t.nll_weight > 0:  # RPO: NLL of the chosen reply, per token
-                    loss = loss + t.nll_weight * (-pc.sum() / lc.sum())
-                (loss / accum).backward()
+            # gradients reduced once per step: on the last micro-batch (each worker has one, however many it has)
+            with parallel.sync_gradients(policy, world, last_micro=micro == len(groups) - 1):
+                loss, losses, cr, rr, pc, pr = micro_loss(policy, batch, t, table.num_rows, nll_tokens, precision)
+                loss.backward()
             parts.append((losses.detach(), cr, rr, pc.detach(), pr.detach()))
         grad_norm = parallel.clip_gradients(policy, t.max_grad_norm)
         losses, cr, rr, pc, pr = (torch.cat(x) for x in zip(*parts))
@@ -151,8 +192,12 @@ def train_loop_per_worker(config: dict) -> None:
         step_times.append(time.time() - t0)
         m["tokens_per_second"] = vec[-1].item() / step_times[-1]
         m["step_seconds"] = step_times[-1]
-        if device.type == "cuda":  # this worker's peak of allocated GPU memory so far
-            m["gpu_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        peaks = torch.tensor([host_memory_peak_mb(), torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0])
+        if world > 1:  # the largest worker's peaks: host RSS, and allocated GPU memory so far
+            dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+        m["host_memory_peak_mb"] = peaks[0].item()
+        if device.type == "cuda":
+            m["gpu_peak_memory_mb"] = peaks[1].item()
         loss_first = m["loss"] if loss_first is None else loss_first
         tracker.log_metrics({f"train/{k}": v for k, v in m.items()}, step=step + 1)
         last = m
@@ -167,8 +212,9 @@ def train_loop_per_worker(config: dict) -> None:
         # checkpoint: every worker writes its part and reports it at the same steps (dpo_ray.checkpoint)
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == total_steps:
             save = lambda d, st: checkpoint.save(d, policy, model, optimizer, st, rank, fsdp, lora, final=step + 1 == total_steps)  # noqa: E731
-            report(save, {"step": step + 1, "loss_first": loss_first, "loss_last": m["loss"],
-                                      "tokens_per_second": m["tokens_per_second"], "total_steps": total_steps})
+            report(save, {"step": step + 1, "loss_first": loss_first, "loss_last": m["loss"], "tokens_per_second": m["tokens_per_second"],
+                          "total_steps": total_steps, "host_memory_peak_mb": m["host_memory_peak_mb"],
+                          "gpu_peak_memory_mb": m.get("gpu_peak_memory_mb")})
     if start_step >= total_steps:  # resumed after the last step: report once so the run has a result
         save = lambda d, st: checkpoint.save(d, policy, model, optimizer, st, rank, fsdp, lora, final=True)  # noqa: E731
         report(save, {"step": total_steps, "loss_first": loss_first, "loss_last": last.get("loss"), "total_steps": total_steps})

@@ -6,20 +6,30 @@ directory rename, so there it is filled in a fresh `attempt-<id>/` inside it and
 that attempt: a single object written at once, so a reader sees either no marker or a whole attempt, and two runs
 filling the same key at the same time cannot mix their files (the last marker wins; both attempts are whole).
 `completed()` gives the directory that holds the data either way.
+
+The marker also vouches for the files: its first line is "ok" or the attempt's name, the rest a JSON manifest of every
+file written (relative name, size in bytes, and rows for Parquet). `completed()` checks the files against it (one
+listing, no reads) and treats a directory whose file is missing or of another size as absent, after one warning line
+naming the file: that part of the cache is then recomputed like any other miss. Markers without a manifest (written
+before it existed) are taken as they are.
 """
 from __future__ import annotations
 
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from .storage import Location, local
 
+log = logging.getLogger("dpo_ray")
 DONE = "_COMPLETE"  # written last: locally inside the temporary directory before the rename; on object stores it names the attempt
 
 
@@ -105,13 +115,58 @@ ATTEMPT = "attempt-"  # prefix of the per-attempt directories on object stores
 
 
 def completed(loc: Location | Path) -> Location | None:
-    """The directory holding the data of a complete `loc` (itself, or the attempt its marker names); None if not complete."""
+    """The directory holding the data of a complete `loc` (itself, or the attempt its marker names); None if not
+    complete, or if a file its marker vouches for is missing or damaged (reported once, as one line naming the file)."""
     loc = loc if isinstance(loc, Location) else local(loc)
     try:
-        marker = (loc / DONE).read_text().strip()
+        first, _, rest = (loc / DONE).read_text().partition("\n")
     except FileNotFoundError:
         return None
-    return loc / marker if marker.startswith(ATTEMPT) and "/" not in marker else loc
+    first = first.strip()
+    data = loc / first if first.startswith(ATTEMPT) and "/" not in first else loc
+    problem = damage(data, json.loads(rest)["files"]) if rest.strip() else None
+    if problem:
+        if problem not in _reported:
+            _reported.add(problem)
+            log.warning("cache: %s; that part of the cache is recomputed", problem)
+        return None
+    return data
+
+
+_reported: set[str] = set()  # problems already reported by this process (completed() is asked more than once)
+
+
+def manifest(d: Location) -> dict:
+    """{relative name: {"size": bytes, "rows": Parquet rows}} of every file under d (the marker's list of what it vouches for)."""
+    import pyarrow.parquet as pq
+
+    out = {}
+    for name, info in sorted(_files(d).items()):
+        out[name] = {"size": info.size}
+        if name.endswith(".parquet"):
+            out[name]["rows"] = pq.ParquetFile(info.path, filesystem=d.fs).metadata.num_rows
+    return out
+
+
+def _files(d: Location) -> dict:
+    """{name relative to d: FileInfo} of every file under d, from one recursive listing."""
+    infos = d.fs.get_file_info(pafs.FileSelector(d.path, recursive=True, allow_not_found=True))
+    return {i.path[len(d.path.rstrip("/")) + 1:]: i for i in infos if i.type == pafs.FileType.File}
+
+
+def damage(d: Location, files: dict) -> str | None:
+    """What is wrong with d's files against a manifest (the first problem, naming the file), or None."""
+    sizes = {name: info.size for name, info in _files(d).items()}
+    for name, entry in files.items():
+        if name not in sizes:
+            return f"{d / name} is missing"
+        if sizes[name] != entry["size"]:
+            return f"{d / name} is damaged ({sizes[name]} bytes, the cache wrote {entry['size']})"
+    return None
+
+
+def marker_text(first: str, d: Location) -> str:
+    return f"{first}\n{json.dumps({'files': manifest(d)}, sort_keys=True)}\n"
 
 
 def is_complete(path: Location | Path) -> bool:
@@ -133,7 +188,7 @@ def complete_dir(final: Location):
     attempt = final / f"{ATTEMPT}{uuid.uuid4().hex[:12]}"
     attempt.mkdir()
     yield attempt
-    (final / DONE).write_text(attempt.name + "\n")
+    (final / DONE).write_text(marker_text(attempt.name, attempt))
 
 
 @contextmanager
@@ -148,8 +203,8 @@ def atomic_dir(final: Path):
     tmp.mkdir()
     try:
         yield tmp
-        (tmp / DONE).write_text("ok\n")
-        if final.exists():  # an earlier incomplete copy, or a concurrent writer that finished first
+        (tmp / DONE).write_text(marker_text("ok", local(tmp)))
+        if final.exists():  # an earlier incomplete or damaged copy, or a concurrent writer that finished first
             if is_complete(final):
                 shutil.rmtree(tmp)
                 return

@@ -5,13 +5,16 @@ reference model scored the same way must read 0.5 accuracy and 0 margin (a sanit
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from dpo_ray.losses import dpo_loss
 from dpo_ray.metrics import dpo_metrics, pair_accuracies
+from dpo_ray.model import load_tokenizer
 
 from .reference import Reference, has_split, read_split, score, scoring_bf16
 
@@ -21,13 +24,34 @@ TIE_TOLERANCE = 1e-4  # reward units: batching differences move CPU fp32 log-pro
 # its size (measured: 8.6e-4 nats on 142, the reference re-scored against its own cache): a tie there scales with them.
 BF16_TIE_RELATIVE = 1e-4
 PREVIEW_CHARS = 300  # of each text in the eval_pairs table
+_tokenizer = functools.lru_cache(maxsize=2)(load_tokenizer)  # once per evaluation, not once per batch
+TABLE_ROWS = 2000  # pairs in the eval_pairs table: those the model gets most wrong
+EVAL_BATCH = 1024  # scored pairs per batch read back
 
 
 def evaluate_model(cfg, ref: Reference, model_path: str, tokenizer_path: str, use_gpu: bool, pairs: bool = False):
-    """eval/... metrics of a model; with pairs=True also (metrics, one row per held-out pair, see pair_table)."""
+    """eval/... metrics of a model; with pairs=True also (metrics, the per-pair table of the TABLE_ROWS pairs the model
+    gets most wrong, see pair_table). Streamed: the scored split is read in batches, the metrics are sums over them."""
     ds = score(read_split(ref.parts, "eval", ref.drop_ids), model_path, tokenizer_path, "policy_", cfg, use_gpu)
     keep = ["policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_loss_mask", "rejected_loss_mask"]
-    df = ds.select_columns(keep + (["row_id", "chosen_input_ids", "rejected_input_ids"] if pairs else [])).to_pandas()
+    sums, n, worst = {}, 0, None
+    for batch in ds.select_columns(keep + (["row_id", "chosen_input_ids", "rejected_input_ids"] if pairs else [])).iter_batches(
+            batch_format="pandas", batch_size=EVAL_BATCH):
+        m, margins, prefers = batch_metrics(cfg, batch, use_gpu)
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v * len(batch)
+        n += len(batch)
+        if pairs:  # the worst TABLE_ROWS pairs so far: bounded whatever the eval split's size
+            part = pair_table(batch, margins, prefers, tokenizer_path, cfg.model.trust_remote_code)
+            worst = (part if worst is None else pd.concat([worst, part])).sort_values("reward_margin", kind="stable").head(TABLE_ROWS)
+    metrics = {**{k: v / max(n, 1) for k, v in sums.items()}, "pairs": float(n)}
+    if not pairs:
+        return metrics
+    return metrics, worst.reset_index(drop=True) if worst is not None else pd.DataFrame()
+
+
+def batch_metrics(cfg, df, use_gpu: bool):
+    """(means over this batch's pairs, reward margins, prefers_chosen per pair) from its scored columns."""
     col = lambda k: torch.tensor(df[k].to_numpy(), dtype=torch.float64)
     lengths = lambda k: torch.tensor([int(sum(m)) for m in df[k]], dtype=torch.float64)
     t = cfg.train
@@ -37,12 +61,8 @@ def evaluate_model(cfg, ref: Reference, model_path: str, tokenizer_path: str, us
     tie = TIE_TOLERANCE + (BF16_TIE_RELATIVE * t.beta * (col("ref_chosen_logps").abs() + col("ref_rejected_logps").abs())
                            if scoring_bf16(cfg, use_gpu) else 0.0)
     m = dpo_metrics(cr, rr, col("policy_chosen_logps"), col("policy_rejected_logps"), tie_tolerance=tie)
-    metrics = {"loss": losses.mean().item(), **m, "pairs": float(len(df))}
-    if not pairs:
-        return metrics
     margins = cr - rr
-    prefers = pair_accuracies(margins, tie)  # what rewards/accuracies averages
-    return metrics, pair_table(df, margins.numpy(), prefers.numpy(), tokenizer_path, cfg.model.trust_remote_code)
+    return {"loss": losses.mean().item(), **m}, margins.numpy(), pair_accuracies(margins, tie).numpy()  # what rewards/accuracies averages
 
 
 def pair_table(df, reward_margins, prefers_chosen, tokenizer_path: str, trust_remote_code: bool, chars: int = PREVIEW_CHARS):
@@ -50,11 +70,7 @@ def pair_table(df, reward_margins, prefers_chosen, tokenizer_path: str, trust_re
     (decoded from the tokens the models saw, cut to `chars`), the reference's and the policy's log-prob margin
     (chosen - rejected), the reward margin (what rewards/margins averages) and whether the policy now prefers the
     chosen reply: 1, 0, or 0.5 for a tie (their mean is rewards/accuracies)."""
-    import pandas as pd
-
-    from dpo_ray.model import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_path, trust_remote_code)
+    tok = _tokenizer(tokenizer_path, trust_remote_code)
     cut = lambda text: text if len(text) <= chars else text[:chars] + "…"
     decode = lambda ids, mask, want: tok.decode([i for i, m in zip(ids, mask) if m == want], skip_special_tokens=True).strip().strip("\ufffd")
     prompt = [decode(ids, mask, 0) for ids, mask in zip(df.chosen_input_ids, df.chosen_loss_mask)]

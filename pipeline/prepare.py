@@ -182,6 +182,8 @@ def run(cfg, tokenizer_path: str, rejects_copy: Path) -> Prepared:
 
 
 def _prepare_file(cfg, file: Path, kind: str, is_eval: bool, has_eval_files: bool, tokenizer_path: str, out: Location) -> None:
+    import ray
+
     log.info("prepare: tokenizing %s (%s) with Ray Data -> %s", file, "JSON array" if kind == "array" else
              "Parquet" if kind == "parquet" else "JSON Lines", out)
     # one file is one block: split it so that the tokenizing tasks run on every CPU
@@ -192,21 +194,26 @@ def _prepare_file(cfg, file: Path, kind: str, is_eval: bool, has_eval_files: boo
                        prompt_budget=cfg.data.prompt_budget, eval_fraction=cfg.data.eval_fraction,
                        fixed_split="eval" if is_eval else "train" if has_eval_files else None,
                        columns=cfg.data.columns_map, chat_template=cfg.data.apply_chat_template),
-    ).materialize()
-    meta = processed.select_columns(META_COLUMNS + ["detail", "raw"]).to_pandas()  # raw is empty for good rows
-    if (meta.status == "file_error").any():
-        raise DataError(f"data: {meta.detail[meta.status == 'file_error'].iloc[0]}")
-    meta = meta.sort_values("line_no", kind="stable")
-    ok = meta[meta.status == "ok"]
-    keep_ids = set(ok.row_id[~ok.duplicated("pair_hash", keep="first")])  # duplicates within the file: kept once
+    )
     with complete_dir(out) as tmp:
+        rows = tmp / "_tokenized"  # every row, tokenized once and streamed to Parquet (nothing materialized); removed below
+        processed.write_parquet(rows.path, filesystem=tmp.fs)
+        # the per-row metadata only, no token ids (raw is empty for good rows): what duplicates, rejects and stats need
+        meta = pa.parquet.read_table(rows.path, filesystem=tmp.fs, columns=META_COLUMNS + ["detail", "raw"]).to_pandas()
+        if (meta.status == "file_error").any():
+            raise DataError(f"data: {meta.detail[meta.status == 'file_error'].iloc[0]}")
+        meta = meta.sort_values("line_no", kind="stable")
+        ok = meta[meta.status == "ok"]
+        keep_ids = set(ok.row_id[~ok.duplicated("pair_hash", keep="first")])  # duplicates within the file: kept once
         (tmp / "rejects.jsonl").write_text("".join(
             json.dumps({"source": r.source, "line": int(r.line_no), "reason": r.status, "detail": r.detail, "raw": r.raw}, ensure_ascii=False) + "\n"
             for r in meta[~meta.status.isin(["ok", "blank"])].itertuples()))
         for split in ("train", "eval"):
             ids = pa.array(sorted(meta.row_id[meta.row_id.isin(keep_ids) & (meta.split == split)]), type=pa.string())
-            processed.map_batches(_select_rows, batch_format="pyarrow", fn_kwargs={"row_ids": ids}).write_parquet((tmp / split).path, filesystem=tmp.fs)
+            ray.data.read_parquet(rows.path, filesystem=tmp.fs).map_batches(_select_rows, batch_format="pyarrow", fn_kwargs={"row_ids": ids}
+                                                                             ).write_parquet((tmp / split).path, filesystem=tmp.fs)
         pa.parquet.write_table(pa.Table.from_pandas(meta[META_COLUMNS], preserve_index=False), (tmp / "meta.parquet").path, filesystem=tmp.fs)
+        rows.remove()
 
 
 def _stats(meta, ok, dup, keep_ids, files, eval_files) -> dict:

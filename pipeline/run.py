@@ -352,7 +352,9 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
             model_dir = export_model(result.checkpoint, tokenizer, out_dir, cfg, policy_path)
             m = result.metrics or {}
             summary["train"] = {"steps": m.get("step"), "loss_first": m.get("loss_first"), "loss_last": m.get("loss_last"),
-                                "tokens_per_second": m.get("tokens_per_second"), "checkpoint": result.checkpoint.path}
+                                "tokens_per_second": m.get("tokens_per_second"), "checkpoint": result.checkpoint.path,
+                                # the largest worker's peaks (MB): host RSS, and allocated GPU memory on GPUs
+                                "host_memory_peak_mb": m.get("host_memory_peak_mb"), "gpu_peak_memory_mb": m.get("gpu_peak_memory_mb")}
         summary["model_dir"] = str(model_dir)
         if "evaluate" in stages:
             if not model_dir.exists():

@@ -3,18 +3,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from dpo_ray import checkpoint
+from dpo_ray.rows import CacheReadError
 from dpo_ray.train_loop import train_loop_per_worker
 
 from .artifacts import fingerprint
-from .reference import read_split
+from .reference import split_files
 
 # train config keys that change how the work is split over workers or logged, not what is computed
 WORKER_LAYOUT = {"max_failures", "log_every", "num_workers", "batch_size_per_worker", "grad_accum_steps", "cpus_per_worker",
-                 "torch_threads", "use_gpu", "cpu_offload", "gpu_memory_gb", "resume_from"}
+                 "torch_threads", "use_gpu", "cpu_offload", "gpu_memory_gb", "resume_from", "prefetch_steps"}
 
 
 def run(cfg, ref, policy_path: str, pad_id: int, use_gpu: bool, cpus_per_worker: float, tracking_uri: str | None, run_id: str | None):
@@ -31,12 +32,13 @@ def run(cfg, ref, policy_path: str, pad_id: int, use_gpu: bool, cpus_per_worker:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "policy_path": policy_path, "pad_id": pad_id,
-                           "tracking_uri": tracking_uri, "run_id": run_id},
+                           "tracking_uri": tracking_uri, "run_id": run_id,
+                           # the workers read their own rows of each step from these files (dpo_ray/rows.py): no Ray
+                           # Dataset, so nothing of the train set passes through the object store
+                           "train_files": split_files(ref.parts, "train"), "drop_ids": list(ref.drop_ids)},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": read_split(ref.parts, "train", ref.drop_ids)},
-        dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads all rows, takes its slice (see train_loop)
     )
     try:
         return trainer.fit()
@@ -45,17 +47,18 @@ def run(cfg, ref, policy_path: str, pad_id: int, use_gpu: bool, cpus_per_worker:
 
 
 class TrainingError(RuntimeError):
-    """Training stopped for a reason the user can act on (non-finite loss)."""
+    """Training stopped for a reason the user can act on (non-finite loss, a cached file that cannot be read)."""
 
 
 def training_error(err: BaseException) -> BaseException:
     seen, e = set(), err
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, FloatingPointError):
+        if isinstance(e, (FloatingPointError, CacheReadError)):
             return TrainingError(str(e))
         e = e.__cause__ or e.__context__
     text = str(err)
-    if "FloatingPointError: " in text:  # a worker's exception arrives as text in Ray's WorkerGroupError
-        return TrainingError(text.split("FloatingPointError: ", 1)[1].splitlines()[0])
+    for name in ("FloatingPointError: ", "CacheReadError: "):  # a worker's exception arrives as text in Ray's WorkerGroupError
+        if name in text:
+            return TrainingError(text.split(name, 1)[1].splitlines()[0])
     return err

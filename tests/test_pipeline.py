@@ -49,6 +49,7 @@ def test_summary_contract(cli_run):
     assert s["reference_cache"]["hit"] is False and Path(s["reference_cache"]["path"]).is_dir()
     assert s["train"]["steps"] == 6 and s["train"]["loss_first"] == pytest.approx(0.6931, abs=2e-3)  # policy == reference at step 1
     assert s["train"]["loss_last"] < s["train"]["loss_first"] and s["train"]["tokens_per_second"] > 0
+    assert 100 < s["train"]["host_memory_peak_mb"] < 8000 and s["train"]["gpu_peak_memory_mb"] is None  # the worker's peak RSS; no GPU
     assert 0.0 <= s["eval"]["rewards/accuracies"] <= 1.0
     # the reference scored against its own cache: chance accuracy, zero margin
     assert s["eval_reference"]["rewards/accuracies"] == 0.5 and abs(s["eval_reference"]["rewards/margins"]) < 1e-4
@@ -76,6 +77,8 @@ def test_mlflow_run_has_metrics_params_and_artifacts(cli_run):
     assert run.info.status == "FINISHED"
     for name in TRL_NAMES:
         assert len(client.get_metric_history(run.info.run_id, f"train/{name}")) == 6, name
+    peaks = [m.value for m in client.get_metric_history(run.info.run_id, "train/host_memory_peak_mb")]
+    assert len(peaks) == 6 and peaks == sorted(peaks) and peaks[-1] == pytest.approx(s["train"]["host_memory_peak_mb"])  # a running peak
     assert run.data.metrics["eval/rewards/accuracies"] == pytest.approx(s["eval"]["rewards/accuracies"])
     assert run.data.params["train.beta"] == "0.1" and run.data.tags["dataset_fingerprint"] == s["data"]["key"]
     assert run.data.metrics["data/rows_rejected"] == 2
@@ -134,3 +137,33 @@ def test_rerun_reuses_caches_and_resumes_training(cli_run, ray_local):
     # a different max_length is different prepared data: a new key all the way down
     changed = run(load_config("configs/demo.yaml", sets + ["data.max_length=80"]), stages=("prepare", "reference"))
     assert not changed["data"]["hit"] and changed["reference_cache"]["key"] != first["reference_cache"]["key"]
+
+
+def test_damaged_reference_cache_is_named_and_recomputed(cli_run, ray_local, caplog):
+    """As a user found it after a demo run: the reference split's Parquet cut in half, then removed. Each is reported in
+    one line naming the file, and that split is scored again; training reads the recomputed cache."""
+    import logging
+
+    from dpo_ray.config import load_config
+    from pipeline.run import run
+
+    tmp, sets, first, _ = cli_run
+    cfg = load_config("configs/demo.yaml", sets)
+    split = Path(first["reference_cache"]["path"]) / "train"
+    want = pq.read_table(split).sort_by("row_id")
+    victim = sorted(split.glob("*.parquet"))[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, "dpo_ray"):
+        again = run(cfg, stages=("prepare", "reference"))
+    assert f"cache: {victim} is damaged (" in caplog.text and "that part of the cache is recomputed" in caplog.text
+    assert again["data"]["hit"] and not again["reference_cache"]["hit"] and again["reference_cache"]["path"] == first["reference_cache"]["path"]
+    got = pq.read_table(split).sort_by("row_id")
+    assert got["row_id"].equals(want["row_id"]) and got["ref_chosen_logps"].to_numpy() == pytest.approx(want["ref_chosen_logps"].to_numpy(), abs=1e-4)
+
+    victim = sorted(split.glob("*.parquet"))[0]
+    victim.unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "dpo_ray"):
+        trained = run(cfg, stages=("prepare", "reference", "train"))
+    assert f"cache: {victim} is missing" in caplog.text and not trained["reference_cache"]["hit"]
+    assert trained["train"]["steps"] == 6 and pq.read_table(split).num_rows == want.num_rows

@@ -114,11 +114,35 @@ def test_completion_marker_on_an_object_store(s3):
     with complete_dir(final) as d:
         (d / "a.txt").write_text("whole")
     data = completed(final)
-    assert data.parent.path == final.path and data.name.startswith("attempt-") and (final / DONE).read_text().strip() == data.name
+    first, manifest = (final / DONE).read_text().split("\n", 1)
+    assert data.parent.path == final.path and data.name.startswith("attempt-") and first == data.name
+    assert json.loads(manifest) == {"files": {"a.txt": {"size": 5}}}  # the files the marker vouches for
     assert (data / "a.txt").read_text() == "whole"
     with complete_dir(final) as d2:  # a second writer of the same key: its own attempt; the marker names a whole one
         (d2 / "a.txt").write_text("again")
     assert completed(final).name == d2.name and (data / "a.txt").read_text() == "whole"
+
+
+def test_damaged_files_on_an_object_store_are_named_and_not_used(s3, caplog):
+    import logging
+
+    final = s3.loc("unit/damaged")
+    with complete_dir(final) as d:
+        pq.write_table(pa.table({"row_id": [f"r{i}" for i in range(100)]}), f"{d.path}/part.parquet", filesystem=s3.fs)
+    part = completed(final) / "part.parquet"
+    assert json.loads((final / DONE).read_text().split("\n", 1)[1])["files"]["part.parquet"]["rows"] == 100
+    part.write_bytes(part.read_bytes()[:100])  # cut short
+    with caplog.at_level(logging.WARNING, "dpo_ray"):
+        assert completed(final) is None
+    assert f"cache: s3://{part.path} is damaged (100 bytes" in caplog.text
+    part.remove()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "dpo_ray"):
+        assert completed(final) is None
+    assert f"cache: s3://{part.path} is missing" in caplog.text
+    with complete_dir(final) as d:  # recomputed: a new attempt, which the marker now vouches for
+        pq.write_table(pa.table({"row_id": ["a"]}), f"{d.path}/part.parquet", filesystem=s3.fs)
+    assert completed(final) is not None and completed(final).name != part.parent.name
 
 
 def stage_args(tmp: Path, cache: str, data: Path) -> list[str]:
@@ -242,3 +266,22 @@ def test_train_checkpoints_to_an_object_store(s3, tmp_path, small_pairs):
     ckpts = {Path(p).parent.name for p in weights}
     assert len(ckpts) == 2 and all(c.startswith("checkpoint_") for c in ckpts)  # steps 3 and 6 (num_to_keep=2)
     assert (Path(summary["model_dir"]) / "model.safetensors").is_file()
+
+
+def test_train_rows_read_by_index_from_an_object_store(s3):
+    """The train workers' reader over s3:// files: the same rows as the whole table, in row_id order, without the dropped ones."""
+    import numpy as np
+
+    from dpo_ray.rows import RowIndex, RowReader
+    from test_streaming import random_pairs
+
+    full = random_pairs(40, 5)
+    files = []
+    for i, part in enumerate((full.slice(20), full.slice(0, 20))):  # files in no particular row order
+        path = f"{BUCKET}/unit/rows/p{i}.parquet"
+        pq.write_table(part, path, filesystem=s3.fs, row_group_size=8)
+        files.append((s3.fs, path))
+    index = RowIndex(files, ["f.jsonl:3"])
+    want = full.filter(pa.compute.not_equal(full["row_id"], "f.jsonl:3")).sort_by("row_id")
+    positions = np.array([38, 0, 17, 5, 5 + 1])
+    assert len(index) == 39 and RowReader(index).read(positions).to_pylist() == want.take(pa.array(positions)).to_pylist()
