@@ -26,24 +26,18 @@ class ModelSize:
 
 def model_size(path: str, trust_remote_code: bool = False, token: str | None = None, lora=None) -> ModelSize:
     """Counts parameters of the model at `path` (a directory or hub id with config.json) on the meta device."""
-    import torch
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .model import ModelError
+    from .model import empty_model
 
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, token=token)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot read the config of model {path}: {str(e).splitlines()[0]}") from e
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-        model.tie_weights()
-        if lora is not None:
-            from .parallel import add_lora
+    model = empty_model(path, trust_remote_code, token)
+    if lora is not None:
+        from .parallel import add_lora
 
+        with init_empty_weights():  # the adapters on the meta device too
             model = add_lora(model, lora)
     params = {id(p): p for p in model.parameters()}.values()  # a tied head counted once
+    config = model.config
     text = getattr(config, "get_text_config", lambda: config)()
     return ModelSize(params=sum(p.numel() for p in params), trainable=sum(p.numel() for p in params if p.requires_grad),
                      layers=int(getattr(text, "num_hidden_layers", 1)), hidden=int(getattr(text, "hidden_size", 0)))

@@ -84,6 +84,23 @@ def load_model(name: str, trust_remote_code: bool = False, dtype=None, token: st
         raise ModelError(f"cannot load model {name}: {str(e).splitlines()[0]}") from e
 
 
+def empty_model(name: str, trust_remote_code: bool = False, token: str | None = None):
+    """The model's modules from its config.json alone: parameters on the meta device (no memory, no weights read),
+    buffers real (rotary tables are not in the state dict); a tied head tied, as from_pretrained does."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, token=token)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the config of model {name}: {str(e).splitlines()[0]}") from e
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.tie_weights()
+    return model
+
+
 def merge_adapter(base: str, adapter: str | Path, trust_remote_code: bool = False, token: str | None = None, dtype=None, **kwargs):
     """The base model with a peft LoRA adapter merged into its weights: a plain transformers model (W + B A alpha/r)."""
     from peft import PeftModel

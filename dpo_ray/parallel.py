@@ -9,15 +9,11 @@ ranks build the model on the meta device and receive their shards from rank 0 (`
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
 from .forward import PolicyLogps
-from .model import enable_activation_checkpointing, load_model
-
-log = logging.getLogger("dpo_ray")
+from .model import empty_model, enable_activation_checkpointing, load_model
 
 
 def add_lora(model: nn.Module, lora) -> nn.Module:
@@ -51,26 +47,13 @@ def shard(wrapper: nn.Module, bf16: bool, cpu_offload: bool) -> None:
     fully_shard(wrapper, **kwargs)
 
 
-def _empty_model(path: str, trust_remote_code: bool, token: str | None) -> nn.Module:
-    """The model's modules with parameters on the meta device (no memory) and real buffers (rotary tables are
-    not in the state dict, so they must be computed here)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, token=token)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    model.tie_weights()  # as from_pretrained does: a tied head must be one parameter on every rank
-    return model
-
-
 def build_policy(cfg, policy_path: str, rank: int, world: int, device: torch.device, bf16: bool):
     """(policy, wrapper, model): `policy` is what the loop calls and steps, `wrapper` the PolicyLogps (its collate),
     `model` the HF (or peft) model inside, for checkpoints and export."""
     t, m = cfg.train, cfg.model
     fsdp = t.strategy == "fsdp"
     if fsdp and rank != 0:
-        model = _empty_model(policy_path, m.trust_remote_code, m.hf_token)
+        model = empty_model(policy_path, m.trust_remote_code, m.hf_token)  # a tied head is one parameter on every rank
     else:
         model = load_model(policy_path, m.trust_remote_code, token=m.hf_token)
     if t.lora is not None:
