@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The one GPU command: everything dpo-ray's CUDA path must show, in about 8 minutes on one H100, logs in LOGDIR.
+# The GPU check: everything dpo-ray's CUDA path must show, in two calls of under 7 minutes on one H100, logs in LOGDIR.
 #
-#   bash benchmarks/gpu_check.sh LOGDIR                 # on the GPU machine (python3 there; wheels from .gpu_wheels/)
+#   bash benchmarks/gpu_check.sh LOGDIR [PART ...]      # on the GPU machine (python3 there; wheels from .gpu_wheels/)
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh --device cpu /tmp/gpucheck   # the dry run here, tiny sizes
+#   LIMITS="e2e=200" bash benchmarks/gpu_check.sh LOGDIR wheels e2e   # some parts only, with other limits (seconds)
 #
 # Parts, each with a hard time limit, each logging to LOGDIR/<part>.log; a failing part does not stop the next:
 #   wheels  install .gpu_wheels/*.whl (scripts/gpu_wheels.sh) into a temporary --target, put it on PYTHONPATH
@@ -15,7 +16,9 @@
 set -u
 DEVICE=cuda
 if [ "${1:-}" = "--device" ]; then DEVICE=$2; shift 2; fi
-LOG=${1:?usage: bash benchmarks/gpu_check.sh [--device cpu] LOGDIR}
+LOG=${1:?usage: bash benchmarks/gpu_check.sh [--device cpu] LOGDIR [PART ...]}
+shift
+ONLY=" ${*:-wheels tests e2e parity bench maxlen} "
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
@@ -25,13 +28,18 @@ rm -rf "$WORK/results" "$WORK/parts.txt" "$WORK/e2e" && mkdir -p "$LOG" "$WORK"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 RAY_USAGE_STATS_ENABLED=0 MLFLOW_TRACKING_URI=
 export PYTHONPATH=$ROOT
-# seconds per part: 530 in all, under 9 minutes (the GPU call's limit is 10). Measured on an H100, 2026-11-26: the wheels
-# install ~25 s; e2e spent 62 s in Ray start, prepare and reference before training began
-declare -A LIMIT=([wheels]=40 [tests]=100 [e2e]=150 [parity]=40 [bench]=140 [maxlen]=60)
+# seconds per part. Measured on H100s, 2026-11-26: wheels ~25 s; tests 81-99 s (flex compiles); e2e needed ~240 s (Ray
+# start 5, prepare 27, reference 44 with an actor start and model load per split, training 60 with the worker start,
+# 2 evaluation passes of ~17 s); the dpo-ray bench row alone ~165 s. All six no longer fit one 10-minute call: run
+#   call 1: bash benchmarks/gpu_check.sh LOGDIR wheels tests e2e      (400 s of limits)
+#   call 2: bash benchmarks/gpu_check.sh LOGDIR wheels parity bench   (355 s), maxlen when device time is left
+declare -A LIMIT=([wheels]=40 [tests]=120 [e2e]=240 [parity]=75 [bench]=240 [maxlen]=60)
 if [ "$DEVICE" = cpu ]; then LIMIT=([wheels]=60 [tests]=300 [e2e]=300 [parity]=300 [bench]=600 [maxlen]=600); fi
+for kv in ${LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 
 part() {  # part NAME CMD...: runs CMD under its time limit, logs to LOGDIR/NAME.log, records exit status and seconds
   local name=$1 start=$SECONDS rc; shift
+  [[ $ONLY == *" $name "* ]] || return 0
   echo "== $name (limit ${LIMIT[$name]} s)"
   timeout -k 10 "${LIMIT[$name]}" "$@" >"$LOG/$name.log" 2>&1; rc=$?
   echo "$name $rc $((SECONDS - start))" >>"$WORK/parts.txt"
