@@ -31,12 +31,15 @@ class Reject(Exception):
         return f"{self.reason}: {self.detail}"
 
 
+LAYOUTS = ("standard", "standard_implicit", "conversational", "conversational_implicit", "ultrafeedback", "sharegpt")
+
+
 @dataclass
 class Pair:
     """One preference pair: `chosen`/`rejected` message lists ending in the reply, or `text` = (prompt, chosen, rejected)
     strings tokenized as they are (no chat template)."""
 
-    layout: str
+    layout: str  # one of LAYOUTS
     chosen: list[dict] | None = None
     rejected: list[dict] | None = None
     text: tuple[str, str, str] | None = None

@@ -14,11 +14,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet  # noqa: F401  (pa.parquet)
 
-from dpo_ray.data import Reject, decode_line, pair_hash, to_pair, tokenize_pairs, validate
+from dpo_ray.data import LAYOUTS, Reject, decode_line, pair_hash, to_pair, tokenize_pairs, validate
 from dpo_ray.model import fingerprint_tokenizer, load_tokenizer
 
 from . import sources
@@ -26,7 +27,7 @@ from .artifacts import DataError, complete_dir, completed, fingerprint, hash_fil
 from .storage import Location, open_location
 
 log = logging.getLogger("dpo_ray")
-VERSION = 3  # bump when the row format or masking changes: part of the key
+VERSION = 4  # bump when the row format or masking changes: part of the key
 ROW_COLUMNS = ["row_id", "chosen_input_ids", "rejected_input_ids", "chosen_loss_mask", "rejected_loss_mask"]
 RAW_CHARS = 500
 LINES_PER_BLOCK = 500
@@ -112,12 +113,11 @@ def tokenize_batch(batch: dict, *, tokenizer: str, trust_remote_code: bool, max_
     return pa.table({k: pa.array(v, type=types.get(k)) for k, v in cols.items()})
 
 
-def _select_rows(table: pa.Table, row_ids: pa.Array) -> pa.Table:
-    """Keep the listed rows and the contract columns, with their Arrow types (a row-wise filter would widen them)."""
-    return table.filter(pc.is_in(table["row_id"], value_set=row_ids)).select(ROW_COLUMNS)
-
-
-META_COLUMNS = ["row_id", "source", "line_no", "status", "pair_hash", "split", "layout", "truncated", "prompt_not_prefix", "prompt_tokens"]
+def _select_rows(table: pa.Table, split: str, drop_lines: pa.Array) -> pa.Table:
+    """The valid rows of a split, less later copies of a pair, with the contract columns and their Arrow types."""
+    keep = pc.and_(pc.and_(pc.equal(table["status"], "ok"), pc.equal(table["split"], split)),
+                   pc.invert(pc.is_in(table["line_no"], value_set=drop_lines)))
+    return table.filter(keep).select(ROW_COLUMNS)
 
 
 def check_files(cfg, files: list[Path]) -> dict[Path, str]:
@@ -133,9 +133,6 @@ def check_files(cfg, files: list[Path]) -> dict[Path, str]:
 
 
 def run(cfg, tokenizer_path: str, rejects_copy: Path) -> Prepared:
-    import pandas as pd
-    import pyarrow.parquet as pq
-
     files = resolve_data_files(cfg.data.train)
     eval_files = resolve_data_files(cfg.data.eval) if cfg.data.eval else []
     kinds = check_files(cfg, files + eval_files)
@@ -157,15 +154,10 @@ def run(cfg, tokenizer_path: str, rejects_copy: Path) -> Prepared:
             _prepare_file(cfg, f, kinds[f], is_eval, bool(eval_files), tokenizer_path, out)
         parts.append(Part(f, data or completed(out), key, data is not None, digest))
 
-    # across files: the first copy of a pair is kept (files in order, then lines); rejects in the same order
-    metas = [p.path / "meta.parquet" for p in parts]
-    meta = pd.concat([pq.read_table(m.path, filesystem=m.fs).to_pandas().assign(part=i) for i, m in enumerate(metas)], ignore_index=True)
-    meta = meta.sort_values(["part", "line_no"], kind="stable")
-    ok = meta[meta.status == "ok"]
-    dup = ok[ok.duplicated("pair_hash", keep="first")]
-    kept_in_parts = set(ok.row_id[~ok.duplicated(["part", "pair_hash"], keep="first")])
-    drop_ids = sorted(set(dup.row_id) & kept_in_parts)
-    stats = _stats(meta, ok, dup, set(ok.row_id) - set(dup.row_id), files, eval_files)
+    # across files: the first copy of a pair is kept (files in order, then lines): only the later copies come back
+    drops = _cross_file_copies(parts)
+    drop_ids = sorted(f"{parts[i].file.name}:{line}" for i, line in zip(drops["part"], drops["line_no"]))
+    stats = _stats([json.loads((p.path / "stats.json").read_text()) for p in parts], drops, files, eval_files)
     rejects_copy.parent.mkdir(parents=True, exist_ok=True)
     with open(rejects_copy, "wb") as out:
         for p in parts:
@@ -198,52 +190,131 @@ def _prepare_file(cfg, file: Path, kind: str, is_eval: bool, has_eval_files: boo
     with complete_dir(out) as tmp:
         rows = tmp / "_tokenized"  # every row, tokenized once and streamed to Parquet (nothing materialized); removed below
         processed.write_parquet(rows.path, filesystem=tmp.fs)
-        # the per-row metadata only, no token ids (raw is empty for good rows): what duplicates, rejects and stats need
-        meta = pa.parquet.read_table(rows.path, filesystem=tmp.fs, columns=META_COLUMNS + ["detail", "raw"]).to_pandas()
-        if (meta.status == "file_error").any():
-            raise DataError(f"data: {meta.detail[meta.status == 'file_error'].iloc[0]}")
-        meta = meta.sort_values("line_no", kind="stable")
-        ok = meta[meta.status == "ok"]
-        keep_ids = set(ok.row_id[~ok.duplicated("pair_hash", keep="first")])  # duplicates within the file: kept once
-        (tmp / "rejects.jsonl").write_text("".join(
-            json.dumps({"source": r.source, "line": int(r.line_no), "reason": r.status, "detail": r.detail, "raw": r.raw}, ensure_ascii=False) + "\n"
-            for r in meta[~meta.status.isin(["ok", "blank"])].itertuples()))
+        index, rejects, stats = _scan(rows)  # one streamed pass over the per-row metadata (no token ids)
+        (tmp / "rejects.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sorted(rejects, key=lambda r: r["line"])))
+        first = first_copies(index["hash"], index["line_no"])  # duplicates within the file: kept once, the first line
+        drop_lines = pa.array(index["line_no"][~first], type=pa.int64())
         for split in ("train", "eval"):
-            ids = pa.array(sorted(meta.row_id[meta.row_id.isin(keep_ids) & (meta.split == split)]), type=pa.string())
-            ray.data.read_parquet(rows.path, filesystem=tmp.fs).map_batches(_select_rows, batch_format="pyarrow", fn_kwargs={"row_ids": ids}
-                                                                             ).write_parquet((tmp / split).path, filesystem=tmp.fs)
-        pa.parquet.write_table(pa.Table.from_pandas(meta[META_COLUMNS], preserve_index=False), (tmp / "meta.parquet").path, filesystem=tmp.fs)
+            ray.data.read_parquet(rows.path, filesystem=tmp.fs).map_batches(_select_rows, batch_format="pyarrow", fn_kwargs={
+                "split": split, "drop_lines": drop_lines}).write_parquet((tmp / split).path, filesystem=tmp.fs)
+        kept = {k: v[first] for k, v in index.items()}
+        stats.update(duplicates=int((~first).sum()), **_kept_stats(kept))
+        pa.parquet.write_table(_index_table(kept), (tmp / "meta.parquet").path, filesystem=tmp.fs)
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
         rows.remove()
 
 
-def _stats(meta, ok, dup, keep_ids, files, eval_files) -> dict:
-    kept = ok[ok.row_id.isin(keep_ids)]
-    reasons = Counter(meta.status[~meta.status.isin(["ok", "blank"])])
+# ------------------------------------------------------------------ duplicates and counts without gathering the rows
+# The driver keeps a fixed-width index of each valid row (its 128-bit pair hash, line, split, layout code, flags:
+# 32 bytes, 32 MB for 1M pairs), never the rows or their strings; rejects come back alone (their reason and 500 chars).
+LAYOUT_CODES = {name: i for i, name in enumerate(LAYOUTS)}
+SCAN_COLUMNS = ["status", "line_no", "source", "detail", "raw", "pair_hash", "split", "layout", "truncated", "prompt_not_prefix", "prompt_tokens"]
+
+
+def _hash_words(hashes: pa.Array) -> np.ndarray:
+    """32-hex-digit pair hashes -> (n, 2) uint64."""
+    return np.frombuffer(b"".join(bytes.fromhex(h) for h in hashes.to_pylist()), dtype=">u8").reshape(-1, 2).astype(np.uint64)
+
+
+def first_copies(hash_words: np.ndarray, *order: np.ndarray) -> np.ndarray:
+    """Boolean mask: the row is the first copy of its pair, first by the `order` keys (most significant first)."""
+    n = len(hash_words)
+    if n == 0:
+        return np.ones(0, bool)
+    idx = np.lexsort((*reversed(order), hash_words[:, 1], hash_words[:, 0]))  # by hash, then in order
+    h = hash_words[idx]
+    first = np.ones(n, bool)
+    first[idx[1:]] = (h[1:] != h[:-1]).any(axis=1)
+    return first
+
+
+def _scan(rows: Location) -> tuple[dict, list[dict], dict]:
+    """One pass over a part's tokenized rows, a batch at a time: the index of its valid rows, its rejects, its counts."""
+    import pyarrow.dataset as pads
+
+    parts: dict[str, list] = {k: [] for k in ("hash", "line_no", "eval", "layout", "truncated", "prompt_not_prefix", "prompt_tokens")}
+    status, ok_layouts, rejects = Counter(), Counter(), []
+    for batch in pads.dataset(rows.path, filesystem=rows.fs, format="parquet").to_batches(columns=SCAN_COLUMNS, batch_size=65536):
+        t = pa.Table.from_batches([batch])
+        status.update(dict(zip(*(v.to_pylist() for v in pc.value_counts(t["status"]).flatten()))))
+        bad = t.filter(pc.invert(pc.is_in(t["status"], value_set=pa.array(["ok", "blank"]))))
+        for r in bad.select(["source", "line_no", "status", "detail", "raw"]).to_pylist():
+            if r["status"] == "file_error":
+                raise DataError(f"data: {r['detail']}")
+            rejects.append({"source": r["source"], "line": r["line_no"], "reason": r["status"], "detail": r["detail"], "raw": r["raw"]})
+        ok = t.filter(pc.equal(t["status"], "ok"))
+        layouts = ok["layout"].to_pylist()
+        ok_layouts.update(layouts)
+        parts["hash"].append(_hash_words(ok["pair_hash"]))
+        parts["line_no"].append(ok["line_no"].to_numpy())
+        parts["eval"].append(pc.equal(ok["split"], "eval").to_numpy(zero_copy_only=False))
+        parts["layout"].append(np.array([LAYOUT_CODES[x] for x in layouts], dtype=np.int8))
+        for k in ("truncated", "prompt_not_prefix"):
+            parts[k].append(ok[k].to_numpy(zero_copy_only=False))
+        parts["prompt_tokens"].append(ok["prompt_tokens"].to_numpy())
+    index = {k: np.concatenate(v) if v else _empty_index()[k] for k, v in parts.items()}
+    reasons = {k: v for k, v in status.items() if k not in ("ok", "blank")}
+    stats = {"rows_read": sum(status.values()) - status["blank"], "blank_lines": status["blank"], "rows_rejected": sum(reasons.values()),
+             "rejects_by_reason": reasons, "ok_layouts": dict(ok_layouts)}
+    return index, rejects, stats
+
+
+def _kept_stats(kept: dict) -> dict:
+    """The sums over valid, kept rows that the run's statistics add up (and subtract for cross-file copies)."""
+    return {"rows_used": int(len(kept["line_no"])), "eval_rows": int(kept["eval"].sum()), "train_rows": int((~kept["eval"]).sum()),
+            "truncated": int(kept["truncated"].sum()), "prompt_not_prefix": int(kept["prompt_not_prefix"].sum()),
+            "prompt_tokens_sum": int(kept["prompt_tokens"].sum()),
+            "layouts": {LAYOUTS[c]: int(n) for c, n in zip(*np.unique(kept["layout"], return_counts=True))}}
+
+
+def _index_table(index: dict) -> pa.Table:
+    return pa.table({"hash_hi": index["hash"][:, 0], "hash_lo": index["hash"][:, 1], **{k: v for k, v in index.items() if k != "hash"}})
+
+
+def _read_index(path: Location) -> dict:
+    t = pa.parquet.read_table(path.path, filesystem=path.fs)
+    index = {k: t[k].to_numpy(zero_copy_only=False) for k in t.column_names if not k.startswith("hash_")}
+    return {"hash": np.stack([t["hash_hi"].to_numpy(), t["hash_lo"].to_numpy()], axis=1), **index}
+
+
+def _cross_file_copies(parts: list[Part]) -> dict:
+    """The kept rows of later files whose pair an earlier file (or an earlier line) already has: their index entries."""
+    if len(parts) < 2:
+        return _empty_index()
+    indexes = [_read_index(p.path / "meta.parquet") for p in parts]
+    index = {k: np.concatenate([ix[k] for ix in indexes]) for k in indexes[0]}
+    index["part"] = np.concatenate([np.full(len(ix["line_no"]), i) for i, ix in enumerate(indexes)])
+    later = ~first_copies(index["hash"], index["part"], index["line_no"])
+    return {k: v[later] for k, v in index.items()}
+
+
+def _empty_index() -> dict:
+    return {"hash": np.zeros((0, 2), np.uint64), "line_no": np.zeros(0, np.int64), "eval": np.zeros(0, bool), "layout": np.zeros(0, np.int8),
+            "truncated": np.zeros(0, bool), "prompt_not_prefix": np.zeros(0, bool), "prompt_tokens": np.zeros(0, np.int32),
+            "part": np.zeros(0, np.int64)}
+
+
+def _stats(part_stats: list[dict], drops: dict, files, eval_files) -> dict:
+    """The run's counts: each file's own (stats.json) added up, less the rows that repeat an earlier file's pair."""
+    gone = _kept_stats(drops)
+    total = lambda k: sum(s[k] for s in part_stats) - gone.get(k, 0)
+    reasons = sum((Counter(s["rejects_by_reason"]) for s in part_stats), Counter())
+    layouts = sum((Counter(s["layouts"]) for s in part_stats), Counter())
+    layouts.subtract(gone["layouts"])
+    dropped = Counter(drops["part"].tolist())
+    rows_used = total("rows_used")
     return {
         "files": [str(f) for f in files], "eval_files": [str(f) for f in eval_files],
-        "rows_read": int((meta.status != "blank").sum()),
-        "blank_lines": int((meta.status == "blank").sum()),
-        "rows_used": int(len(kept)),
-        "rows_rejected": int(sum(reasons.values())),
-        "rejects_by_reason": dict(reasons.most_common()),
-        "duplicates": int(len(dup)),
-        "train_rows": int((kept.split == "train").sum()),
-        "eval_rows": int((kept.split == "eval").sum()),
-        "truncated": int(kept.truncated.sum()),
-        "prompt_not_prefix": int(kept.prompt_not_prefix.sum()),
-        "prompt_tokens_mean": float(kept.prompt_tokens.mean()) if len(kept) else 0.0,
-        "layouts": dict(Counter(kept.layout).most_common()),
-        "per_file": [_file_stats(f, meta[meta.part == i], kept[kept.part == i], dup[dup.part == i])
-                     for i, f in enumerate(files + eval_files)],
+        "rows_read": total("rows_read"), "blank_lines": total("blank_lines"), "rows_used": rows_used,
+        "rows_rejected": total("rows_rejected"), "rejects_by_reason": dict(reasons.most_common()),
+        "duplicates": sum(s["duplicates"] for s in part_stats) + gone["rows_used"],
+        "train_rows": total("train_rows"), "eval_rows": total("eval_rows"), "truncated": total("truncated"),
+        "prompt_not_prefix": total("prompt_not_prefix"), "prompt_tokens_mean": total("prompt_tokens_sum") / rows_used if rows_used else 0.0,
+        "layouts": dict(+layouts),
+        "per_file": [{"file": str(f), "rows_read": s["rows_read"], "rows_used": s["rows_used"] - dropped[i], "rows_rejected": s["rows_rejected"],
+                      "duplicates": s["duplicates"] + dropped[i], "layouts": dict(Counter(s["ok_layouts"]).most_common())}
+                     for i, (f, s) in enumerate(zip(files + eval_files, part_stats))],
     }
-
-
-def _file_stats(file, meta, kept, dup) -> dict:
-    """One input file's counts: rows_read = rows_used + rows_rejected + duplicates; the layouts of its valid rows."""
-    rejected = ~meta.status.isin(["ok", "blank"])
-    return {"file": str(file), "rows_read": int((meta.status != "blank").sum()), "rows_used": int(len(kept)),
-            "rows_rejected": int(rejected.sum()), "duplicates": int(len(dup)),
-            "layouts": dict(Counter(meta.layout[meta.status == "ok"]).most_common())}
 
 
 def _check_bad_fraction(cfg, s: dict, rejects_file: Path) -> None:

@@ -9,6 +9,7 @@ claims is one `DataError` naming the file and what was found, not thousands of r
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -17,6 +18,7 @@ from .artifacts import DataError
 
 log = logging.getLogger("dpo_ray")
 HEAD_BYTES = 1 << 16
+CHUNK_BYTES = 32 << 20  # JSON Lines bytes per read task
 FILE_ERROR = 0  # line_no of a row that says the whole file is unreadable (set by a read task; raised on the driver)
 
 
@@ -110,8 +112,50 @@ def parquet_records(row: dict) -> list[dict]:
             for i, rec in enumerate(table.to_pylist())]
 
 
+def count_newlines(path: str, start: int, end: int) -> int:
+    """The number of b"\\n" in bytes [start, end) of a file, read 8 MiB at a time."""
+    n = 0
+    with open(path, "rb") as f:
+        f.seek(start)
+        while start < end:
+            piece = f.read(min(8 << 20, end - start))
+            if not piece:
+                break
+            n += piece.count(b"\n")
+            start += len(piece)
+    return n
+
+
+def chunk_lines(row: dict) -> list[dict]:
+    """Ray Data flat_map: the lines of a JSON Lines file that start in bytes [start, end), numbered from
+    `newlines_before` (the newlines in [0, start)), so the numbers are the file's own; the same rows as split_records."""
+    path, start, end, line_no = row["path"], int(row["start"]), int(row["end"]), int(row["newlines_before"]) + 1
+    out = []
+    with open(path, "rb") as f:
+        pos = start
+        if start > 0:
+            f.seek(start - 1)
+            if f.read(1) != b"\n":  # a line that began in the chunk before: that chunk reads it
+                pos += len(f.readline())
+                line_no += 1
+        while pos < end:
+            line = f.readline()
+            if not line:
+                break
+            pos += len(line)
+            if start == 0 and not out:
+                line = line.removeprefix(b"\xef\xbb\xbf")
+            out.append({"path": path, "line_no": line_no, "raw": line.removesuffix(b"\n").removesuffix(b"\r")})
+            line_no += 1
+    return out
+
+
 def read(path: Path, kind: str):
-    """A Ray Dataset of {path, line_no, raw} for one file (kind from `sniff`)."""
+    """A Ray Dataset of {path, line_no, raw} for one file (kind from `sniff`).
+
+    Parquet is read a row group per task, an uncompressed JSON Lines file CHUNK_BYTES per task (a first pass of tasks
+    counts each chunk's newlines, so every line keeps its number in the file); a gzip file or one JSON array is one
+    task, as neither can be split without reading it from the start."""
     import ray
 
     if kind == "parquet":
@@ -123,4 +167,12 @@ def read(path: Path, kind: str):
             groups.append({"path": str(path), "row_group": g, "first": first})
             first += meta.row_group(g).num_rows
         return ray.data.from_items(groups).flat_map(parquet_records)
+    if kind == "jsonl" and not path.name.lower().endswith(".gz"):
+        size = path.stat().st_size
+        starts = list(range(0, size, CHUNK_BYTES)) or [0]
+        counter = ray.remote(num_cpus=0.25)(count_newlines)
+        counts = ray.get([counter.remote(str(path), s, min(s + CHUNK_BYTES, size)) for s in starts[:-1]])
+        before = [0, *itertools.accumulate(counts)]
+        chunks = [{"path": str(path), "start": s, "end": min(s + CHUNK_BYTES, size), "newlines_before": b} for s, b in zip(starts, before)]
+        return ray.data.from_items(chunks).flat_map(chunk_lines)
     return ray.data.read_binary_files([str(path)], include_paths=True).flat_map(split_records, fn_kwargs={"kind": kind})

@@ -134,9 +134,10 @@ def load(tmp_path, cache_dir, data, **sets):
     return load_config(ROOT / "configs" / "demo.yaml", small_config(tmp_path, cache_dir, data, **sets))
 
 
-def test_every_file_type_gives_the_same_rows_with_record_numbers(tmp_path, cache_dir, demo_model, ray_local):
-    from pipeline import prepare
+def test_every_file_type_gives_the_same_rows_with_record_numbers(tmp_path, cache_dir, demo_model, ray_local, monkeypatch):
+    from pipeline import prepare, sources
 
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 1000)  # a.jsonl in ~10 read tasks: its line numbers must still be the file's
     files = write_all_types(tmp_path / "data", pairs_for(30))
     cfg = load(tmp_path, cache_dir, tmp_path / "data", **{"data.eval_fraction": "0", "data.max_bad_fraction": "0.05"})
     prep = prepare.run(cfg, demo_model, rejects_copy=tmp_path / "rejects.jsonl")
@@ -152,6 +153,24 @@ def test_every_file_type_gives_the_same_rows_with_record_numbers(tmp_path, cache
     ids = lambda t: sorted(zip(t["chosen_input_ids"].to_pylist(), t["rejected_input_ids"].to_pylist(), t["chosen_loss_mask"].to_pylist()))
     assert all(ids(t) == ids(tables[0]) and t.num_rows == 29 for t in tables)
     assert sorted(tables[3]["row_id"].to_pylist()) == sorted(f"d.parquet:{i}" for i in range(1, 31) if i != 5)
+
+
+def test_json_lines_read_in_chunks_keep_every_line_and_its_number(tmp_path, ray_local, monkeypatch):
+    """A JSON Lines file is read CHUNK_BYTES per task (a line that crosses a boundary belongs to the chunk it starts in):
+    the rows are those of the file read whole, BOM, CRLF, blank lines and a last line without a newline included."""
+    from pipeline import sources
+
+    lines = [b'\xef\xbb\xbf{"a": 0}', b"", b'{"a": 2}\r', *[b'{"a": %d, "pad": "%s"}' % (i, b"x" * (i % 23)) for i in range(3, 300)],
+             b"", b"", b'{"last": true}']
+    data = b"\n".join(lines)  # no newline at the end
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(data)
+    whole = sources.split_records({"bytes": data, "path": str(path)}, "jsonl")
+    assert len(whole) == len(lines) and whole[0]["raw"] == b'{"a": 0}' and whole[2]["raw"] == b'{"a": 2}'
+    for chunk in (7, 64, 1000, len(data), 1 << 20):
+        monkeypatch.setattr(sources, "CHUNK_BYTES", chunk)
+        got = sorted(sources.read(path, "jsonl").take_all(), key=lambda r: r["line_no"])
+        assert [(r["line_no"], bytes(r["raw"])) for r in got] == [(r["line_no"], r["raw"]) for r in whole], chunk
 
 
 def test_each_layout_in_a_file_of_its_own_is_prepared_with_its_mask(tmp_path, cache_dir, demo_model, demo_tokenizer, ray_local):

@@ -199,3 +199,23 @@ def test_worker_memory_does_not_grow_with_the_data(tmp_path):
     assert large["arrow_mb"] > 250  # well above the 100 MB object store
     for key in ("host_memory_peak_mb", "vmhwm_mb"):
         assert abs(large[key] - small[key]) < 0.1 * small[key], (key, small, large)
+
+
+def test_first_copies_keeps_the_first_of_each_pair_in_order():
+    """prepare's duplicate finder (a sort over the fixed-width index) against pandas' duplicated(keep='first') over the
+    rows in (file, line) order: the same rows kept, whatever order the index arrives in."""
+    import pandas as pd
+
+    from pipeline.prepare import first_copies
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 500):
+        words = rng.integers(0, 2**63, size=(max(n // 3, 1), 2), dtype=np.uint64)
+        words[0, 1] = words[-1, 1]  # pairs that share one of their two words are still different pairs
+        hashes = words[rng.integers(0, len(words), n)]
+        part, line = rng.integers(0, 3, n), rng.permutation(n).astype(np.int64)
+        got = first_copies(hashes, part, line)
+        df = pd.DataFrame({"h": [f"{a}-{b}" for a, b in hashes], "part": part, "line": line}).sort_values(["part", "line"])
+        want = np.zeros(n, bool)
+        want[df.index[~df.duplicated("h", keep="first")]] = True
+        assert (got == want).all() and got.sum() == len(set(map(tuple, hashes.tolist())))
