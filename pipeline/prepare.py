@@ -246,7 +246,7 @@ def _batches(directory: Location, columns: list[str]):
 
 def _scan(rows: Location) -> tuple[dict, list[dict], dict]:
     """One pass over a part's tokenized rows, a batch at a time: the index of its valid rows, its rejects, its counts."""
-    parts: dict[str, list] = {k: [] for k in ("hash", "line_no", "eval", "layout", "truncated", "prompt_not_prefix", "prompt_tokens")}
+    parts: dict[str, list] = {k: [] for k in _empty_index() if k != "part"}
     status, ok_layouts, rejects = Counter(), Counter(), []
     for batch in _batches(rows, SCAN_COLUMNS):
         t = pa.Table.from_batches([batch])
@@ -324,7 +324,7 @@ def _stats(part_stats: list[dict], drops: dict, files, eval_files) -> dict:
         "duplicates": sum(s["duplicates"] for s in part_stats) + gone["rows_used"],
         "train_rows": total("train_rows"), "eval_rows": total("eval_rows"), "truncated": total("truncated"),
         "prompt_not_prefix": total("prompt_not_prefix"), "prompt_tokens_mean": total("prompt_tokens_sum") / rows_used if rows_used else 0.0,
-        "layouts": dict(+layouts),
+        "layouts": dict((+layouts).most_common()),
         "per_file": [{"file": str(f), "rows_read": s["rows_read"], "rows_used": s["rows_used"] - dropped[i], "rows_rejected": s["rows_rejected"],
                       "duplicates": s["duplicates"] + dropped[i], "layouts": dict(Counter(s["ok_layouts"]).most_common())}
                      for i, (f, s) in enumerate(zip(files + eval_files, part_stats))],
