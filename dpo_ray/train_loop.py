@@ -132,7 +132,7 @@ def coupled_step(policy, batches: list[dict], spec, tokens_per_pair, precision, 
         with sync(i == len(batches) - 1):
             with precision:
                 xi = pair_logps(policy(b), b, spec)
-            surrogate = sum((leaves[k].grad[start:start + n] * xi[k]).sum() for k in leaves)
+            surrogate = sum((leaves[k].grad[start:start + n] * xi[k]).sum() for k in leaves if leaves[k].grad is not None)
             surrogate.backward()
         start += n
     return losses.detach(), {k: v.detach() for k, v in terms.items()}, cr, rr, x["pc"], x["pr"]

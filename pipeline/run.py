@@ -182,7 +182,7 @@ def git_commit() -> str | None:
 def run_name(cfg: Config, prepared_key: str) -> str:
     model = Path(cfg.model.policy.rstrip("/")).name.replace("demo:", "")
     t = cfg.train
-    return cfg.mlflow.run_name or f"{model}-data{prepared_key[:8]}-{t.loss_type}-b{t.beta:g}-lr{t.lr:g}-e{t.epochs}"
+    return cfg.mlflow.run_name or f"{model}-data{prepared_key[:8]}-{t.loss.name}-b{t.beta:g}-lr{t.lr:g}-e{t.epochs}"
 
 
 def plot_curves(tracker, path: Path) -> None:

@@ -139,6 +139,36 @@ def test_rerun_reuses_caches_and_resumes_training(cli_run, ray_local):
     assert not changed["data"]["hit"] and changed["reference_cache"]["key"] != first["reference_cache"]["key"]
 
 
+def test_other_losses_train_from_the_same_reference_cache(cli_run, ray_local):
+    """Switching the loss never runs the reference model again: a weighted list (MPO) with WPO, LD-DPO (from the cache's
+    split sums) and an f-divergence trains and evaluates; a sorted loss (aot, batch-coupled) runs over token-budget
+    micro-batches (two passes) and starts at ln 2 like DPO."""
+    import math
+
+    from mlflow.tracking import MlflowClient
+
+    from dpo_ray.config import load_config
+    from pipeline.run import run
+
+    tmp, sets, first, _ = cli_run
+    mixed = run(load_config("configs/demo.yaml", sets + [f"output_dir={tmp / 'out-mpo'}", "train.loss_type=[sigmoid,hinge,sft]",
+                                                         "train.loss_weights=[0.8,0.2,1.0]", "train.use_weighting=true",
+                                                         "train.ld_alpha=0.5", "train.f_divergence_type=js_divergence"]))
+    assert mixed["reference_cache"]["hit"] and mixed["reference_cache"]["key"] == first["reference_cache"]["key"]
+    client = MlflowClient(mixed["tracking_uri"])
+    for term in ("sigmoid", "hinge", "sft"):
+        assert len(client.get_metric_history(mixed["mlflow_run_id"], f"train/loss/{term}")) == 6, term
+    metrics = client.get_run(mixed["mlflow_run_id"]).data.metrics
+    assert {"eval/loss/sigmoid", "eval/loss/hinge", "eval/loss/sft"} <= set(metrics)
+    assert metrics["eval/loss"] == pytest.approx(0.8 * metrics["eval/loss/sigmoid"] + 0.2 * metrics["eval/loss/hinge"] + metrics["eval/loss/sft"])
+    assert mixed["eval"]["rewards/accuracies"] != first["eval"]["rewards/accuracies"] or mixed["eval"]["rewards/margins"] != first["eval"]["rewards/margins"]
+    aot = run(load_config("configs/demo.yaml", sets + [f"output_dir={tmp / 'out-aot'}", "train.loss_type=aot",
+                                                       "train.max_tokens_per_micro_batch=120", "train.max_steps=3"]),
+              stages=("prepare", "reference", "train"))
+    assert aot["reference_cache"]["hit"] and aot["train"]["steps"] == 3
+    assert aot["train"]["loss_first"] == pytest.approx(math.log(2), abs=2e-3)
+
+
 def test_damaged_reference_cache_is_named_and_recomputed(cli_run, ray_local, caplog):
     """As a user found it after a demo run: the reference split's Parquet cut in half, then removed. Each is reported in
     one line naming the file, and that split is scored again; training reads the recomputed cache."""
