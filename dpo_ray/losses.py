@@ -80,10 +80,6 @@ class LossSpec:
         return bool(set(self.types) & SORTED_LOSSES)
 
     @property
-    def needs_weights(self) -> bool:
-        return self.use_weighting
-
-    @property
     def name(self) -> str:
         return "+".join(self.types)
 

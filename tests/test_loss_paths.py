@@ -8,7 +8,7 @@ import torch
 
 import dpo_ray.logps as L
 from dpo_ray.forward import PolicyLogps
-from dpo_ray.losses import LossSpec
+from dpo_ray.losses import LOSS_TYPES, LossSpec
 from dpo_ray.train_loop import coupled_step, loss_extras, micro_loss
 
 from test_logps import _ragged_batch, _tiny_model
@@ -156,7 +156,7 @@ def _step_losses(policy, rows, spec, steps: int, lr: float = 3e-3):
 SETTINGS = {"exo_pair": {"label_smoothing": 1e-3}, "robust": {"label_smoothing": 0.1}, "sigmoid": {"label_smoothing": 0.1}}
 
 
-@pytest.mark.parametrize("loss_type", __import__("dpo_ray.losses", fromlist=["LOSS_TYPES"]).LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_each_loss_trains_the_demo_model_for_30_steps(loss_type, demo_model, demo_rows):
     from dpo_ray.model import load_model
 
