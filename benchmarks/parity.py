@@ -44,7 +44,7 @@ def step1(rows: list[dict], model_dir: str, tokenizer_dir: str, device: str, bf1
     dev = torch.device(device)
     scorer = LogpsScorer(model_dir, tokenizer_dir, "ref_", bf16=bf16, attention=attention)
     assert scorer.device.type == dev.type, f"the scorer picked {scorer.device}, the check asked for {dev}"
-    ref_c, ref_r = map(torch.cat, zip(*(_split(scorer.logps(b)) for b in _batches(rows, ref_batch))))
+    ref_c, ref_r = map(torch.cat, zip(*(_split(scorer.logps(b)["logps"]) for b in _batches(rows, ref_batch))))
     del scorer
 
     old = PolicyLogps(load_model(model_dir, dtype=torch.bfloat16), attention=attention).to(dev).eval()  # the old reference numerics
@@ -57,7 +57,7 @@ def step1(rows: list[dict], model_dir: str, tokenizer_dir: str, device: str, bf1
     parts = []
     for b in _batches(rows, train_batch):
         with autocast(bf16, dev):
-            logps, _ = policy(policy.collate(b, 0, dev))  # autograd on, as in the training step
+            logps, *_ = policy(policy.collate(b, 0, dev))  # autograd on, as in the training step
         parts.append(_split(logps.detach().float().cpu()))
     pol_c, pol_r = map(torch.cat, zip(*parts))
 
