@@ -36,6 +36,14 @@ class _Stderr(logging.StreamHandler):
     def stream(self, _):
         pass
 
+    announce: str | None = None  # said once, before the first line this handler prints: a one-line user error stays alone
+
+    def emit(self, record):
+        if self.announce:
+            first, self.announce = self.announce, None
+            super().emit(logging.makeLogRecord({"name": "dpo_ray", "levelno": logging.INFO, "levelname": "INFO", "msg": first}))
+        super().emit(record)
+
 
 def _console_record(record: logging.LogRecord) -> bool:
     """On a console handler: dpo-ray's own lines at INFO, anyone's warnings and errors."""
@@ -78,7 +86,9 @@ def setup(out_dir: Path | None = None, command: str = "run") -> Path | None:
         if path is not None and not lib.propagate:
             lib.addHandler(handlers[-1])
     if path is not None:
-        log.info("dpo-ray %s: log file %s (Ray Data progress and library messages; warnings also here)", command, path)
+        line = f"dpo-ray {command}: log file {path} (all of this run's messages, Ray Data's progress and the libraries' included)"
+        console.announce = line
+        handlers[-1].emit(logging.makeLogRecord({"name": "dpo_ray", "levelno": logging.INFO, "levelname": "INFO", "msg": line}))
     return path
 
 
