@@ -85,6 +85,7 @@ def setup(out_dir: Path | None = None, command: str = "run") -> Path | None:
                     h.addFilter(_console_record)
         if path is not None and not lib.propagate:
             lib.addHandler(handlers[-1])
+    route_worker_lines(handlers[-1] if path is not None else None)
     if path is not None:
         line = f"dpo-ray {command}: log file {path} (all of this run's messages, Ray Data's progress and the libraries' included)"
         console.announce = line
@@ -92,8 +93,46 @@ def setup(out_dir: Path | None = None, command: str = "run") -> Path | None:
     return path
 
 
+# Ray's own per-worker chatter that its log monitor prints on the driver's console (log_to_driver): to the file only.
+# A denylist, so that any other line of a worker (dpo-ray's training progress, a warning, a traceback) stays on the console.
+WORKER_NOISE = ("Failed to query Ray Train Controller actor state", "Loading weights:", "Requesting resources:",
+                "Attempting to start training worker group", "Started training worker group", "- (ip=",
+                "Setting up process group for", "Moving model to device", "mlflow.system_metrics",
+                "has constructor arguments in the object store")
+
+
+def route_worker_lines(file: logging.Handler | None) -> None:
+    """Before ray.init: each line Ray forwards from a worker goes to the log file; WORKER_NOISE lines only there.
+
+    Ray 2.60 binds `ray._private.worker.print_to_stdstream` as its log handler when the driver connects; this wraps it
+    (a no-op where that function is absent, or when Ray is already running)."""
+    import ray._private.worker as rw
+
+    original = getattr(rw, "print_to_stdstream", None)
+    original = getattr(original, "_wrapped", original)
+    if original is None:
+        return
+
+    def print_to_stdstream(data, ignore_prefix):
+        lines = data.get("lines") or []
+        if file is not None:
+            who = data.get("actor_name") or data.get("task_name") or ""
+            for line in lines:
+                file.emit(logging.makeLogRecord({"name": "ray.worker", "levelno": logging.INFO, "levelname": "INFO",
+                                                 "msg": f"({who} pid={data.get('pid')}) {line}"}))
+        keep = [line for line in lines if not any(n in line for n in WORKER_NOISE)]
+        if keep:
+            original({**data, "lines": keep}, ignore_prefix)
+
+    print_to_stdstream._wrapped = original
+    rw.print_to_stdstream = print_to_stdstream
+
+
 def close() -> None:
-    """Removes (and closes) the handlers setup() added."""
+    """Removes (and closes) the handlers setup() added, and unwraps Ray's worker-line printer."""
+    import ray._private.worker as rw
+
+    rw.print_to_stdstream = getattr(rw.print_to_stdstream, "_wrapped", rw.print_to_stdstream)
     for logger in [logging.getLogger()] + [logging.getLogger(n) for n in LIBRARY_LOGGERS]:
         for h in [h for h in logger.handlers if getattr(h, "_dpo_ray", False)]:
             logger.removeHandler(h)

@@ -37,6 +37,22 @@ def test_progress_dumps_go_to_the_log_file_and_warnings_reach_the_console(tmp_pa
         assert line in text and line in err
 
 
+def test_worker_lines_reach_the_log_file_and_only_rays_chatter_leaves_the_console(tmp_path, closing, capsys):
+    """The function Ray's log monitor calls on the driver for each batch of worker output (log_to_driver)."""
+    import ray._private.worker as rw
+
+    run_log = console.setup(tmp_path / "out", "run")
+    noise = "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable."
+    rw.print_to_stdstream({"lines": [noise, "step 20/232 | loss 0.1860 | ETA 1m07s", "WARNING something odd"], "pid": 42,
+                           "ip": "127.0.0.1", "localhost": "127.0.0.1", "is_err": False, "actor_name": "RayTrainWorker"}, False)
+    out = capsys.readouterr().out
+    text = run_log.read_text()
+    assert "step 20/232" in out and "WARNING something odd" in out and noise not in out
+    assert f"(RayTrainWorker pid=42) {noise}" in text and "(RayTrainWorker pid=42) step 20/232" in text
+    console.close()
+    assert not hasattr(rw.print_to_stdstream, "_wrapped")
+
+
 def test_a_stage_says_when_it_starts_and_ends_with_counts_and_seconds(tmp_path, closing, capsys):
     console.setup(tmp_path / "out", "run")
     @console.stage("prepare", lambda r: f"{r['pairs']} pairs")
