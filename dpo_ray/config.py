@@ -84,7 +84,8 @@ class ReferenceConfig(_Strict):
     # (transformers device_map="auto"); the log says how it was placed
 
 
-LossType = Literal["sigmoid", "hinge", "ipo", "robust", "simpo"]
+LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+                   "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo", "orpo"]  # = dpo_ray.losses.LOSS_TYPES
 
 
 class LoraConfig(_Strict):
@@ -103,11 +104,26 @@ class TrainConfig(_Strict):
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float | None = None  # None: fits the workers in the CPUs Ray has, leaving room for data
     torch_threads: int | None = None  # None: the machine's cores divided among local workers
-    loss_type: LossType = "sigmoid"
-    beta: float = Field(0.1, gt=0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)  # cDPO / robust DPO epsilon
-    simpo_gamma: float = 0.5  # SimPO target margin (gamma / beta), only for loss_type=simpo
-    nll_weight: float = Field(0.0, ge=0.0)  # adds weight * NLL(chosen) per token (RPO), 0 = off
+    loss_type: LossType | list[LossType] = Field("sigmoid", description=(
+        "the preference loss, or a list of losses summed with loss_weights (MPO); every TRL 1.16 DPOTrainer loss_type "
+        "plus simpo and orpo (reference-free) and cDPO (sigmoid with label_smoothing > 0); see docs/losses.md"))
+    loss_weights: list[float] | None = Field(None, description="one weight per loss in loss_type; None: 1.0 each")
+    beta: float = Field(0.1, gt=0, description="the KL strength beta (for ipo its tau, for orpo its lambda)")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description=(
+        "epsilon of cDPO (sigmoid), robust, exo_pair (needs > 0), aot, aot_unpaired and simpo"))
+    simpo_gamma: float = Field(0.5, description="SimPO target margin (gamma / beta), only for loss_type simpo")
+    discopop_tau: float = Field(0.05, gt=0, description="DiscoPOP temperature, only for loss_type discopop")
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = Field("reverse_kl", description=(
+        "f-DPO divergence between policy and reference: reverse_kl is DPO; the others only with sigmoid, sigmoid_norm, hinge, "
+        "ipo, exo_pair, robust, discopop, sft"))
+    f_alpha_divergence_coef: float = Field(0.5, description="alpha of f_divergence_type alpha_divergence")
+    use_weighting: bool = Field(False, description=(
+        "WPO: each pair's loss times the chosen and rejected replies' length-normalised probability weights (no gradient)"))
+    ld_alpha: float | None = Field(None, ge=0.0, le=1.0, description=(
+        "LD-DPO: log-probs counted in full up to the shorter reply's length, the longer reply's tail times ld_alpha "
+        "(policy and reference alike; the cached reference keeps the split sums); None: off"))
+    nll_weight: float = Field(0.0, ge=0.0, description=(
+        "RPO shorthand: adds an sft term (the chosen replies' NLL per token) with this weight; 0 = off"))
     lr: float = Field(5e-6, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, le=1)
@@ -138,6 +154,25 @@ class TrainConfig(_Strict):
     storage_path: str | None = None  # Ray Train storage; default <output_dir>/ray_train
     resume_from: str | None = None  # a checkpoint directory to start from (e.g. <storage>/dpo-.../checkpoint_...), possibly
     # written with another number of workers; a rerun of the same config resumes its own last checkpoint without it
+
+    @model_validator(mode="after")
+    def _loss_is_consistent(self) -> "TrainConfig":
+        from .losses import LossSpec
+
+        if isinstance(self.loss_type, list) and not self.loss_type:
+            raise ValueError("train.loss_type: an empty list; name at least one loss")
+        try:
+            LossSpec.from_config(self)
+        except ValueError as e:
+            raise ValueError(f"train: {e}") from None
+        return self
+
+    @property
+    def loss(self):
+        """The loss as dpo_ray.losses.LossSpec."""
+        from .losses import LossSpec
+
+        return LossSpec.from_config(self)
 
     @model_validator(mode="after")
     def _offload_needs_fsdp(self) -> "TrainConfig":
@@ -192,11 +227,19 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 def _explain(err: ValidationError, source: str) -> str:
     lines = []
     known = _known_keys(Config)
+    seen = set()
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"] if not isinstance(p, int)) or "(top level)"
+        # a union's members appear in the location as e.g. "literal['sigmoid',...]" / "list[...]": one message per key
+        key = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) and "[" not in str(p)) or "(top level)"
+        if key in seen:
+            continue
+        seen.add(key)
         if e["type"] == "extra_forbidden":
             hint = difflib.get_close_matches(key, known, n=1)
             lines.append(f"{source}: unknown key {key}" + (f" (did you mean {hint[0]}?)" if hint else ""))
+        elif e["type"] == "value_error":  # a validator's own sentence: it names the keys; the section's dict would be noise
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {msg}" if msg.startswith(key.split(".")[0]) else f"{source}: {key}: {msg}")
         else:
             lines.append(f"{source}: {key}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)
