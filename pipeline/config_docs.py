@@ -61,8 +61,11 @@ def type_name(annotation) -> str:
         return "null"
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:
-        return " \\| ".join(json.dumps(a) for a in args)
+        return "one of " + ", ".join(f"`{a}`" if isinstance(a, str) else json.dumps(a) for a in args)
     if origin in (typing.Union, types.UnionType):
+        lists = [a for a in args if typing.get_origin(a) is list and typing.get_args(a) and typing.get_args(a)[0] in args]
+        if lists:  # loss_type: a name, or a list of names
+            return f"{type_name(typing.get_args(lists[0])[0])}, or a list of them"
         return " \\| ".join(type_name(a) for a in args)
     if origin is list:
         return f"list of {type_name(args[0])}" if args else "list"
