@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dpo-ray: interrupted", file=sys.stderr)
         return 130
-    if args.json:
+    if getattr(args, "json", False):  # a subcommand without --json (doctor returns earlier) prints the short summary
         print(json.dumps(summary, indent=2, default=str))
     else:
         console.print_summary(summary)

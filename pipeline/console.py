@@ -8,7 +8,7 @@ terminal), its "Starting execution" plans, Ray's and MLflow's start-up lines. In
 draws its own progress bars (tqdm, not log records), which stay.
 
 Ray Data configures the `ray.data` logger when `ray.data` is first imported (and clears that logger's handlers then),
-so it is imported here first; `ray.init` later only changes the `ray` logger's level and format, not its handlers.
+and MLflow its `mlflow` logger when `mlflow` is, so both are imported here first; `ray.init` later only changes the `ray` logger's level and format, not its handlers.
 """
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ def log_path(out_dir: Path, started: float | None = None) -> Path:
 
 def setup(out_dir: Path | None = None, command: str = "run") -> Path | None:
     """Console and log file for one CLI call; returns the log file's path (None without an output directory)."""
+    import mlflow  # noqa: F401  (mlflow, too, gives its logger a console handler of its own when first imported)
     import ray.data  # noqa: F401  (configures the ray.data logger now, not after our handlers are in place)
 
     root = logging.getLogger()

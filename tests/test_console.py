@@ -26,6 +26,7 @@ def test_progress_dumps_go_to_the_log_file_and_warnings_reach_the_console(tmp_pa
     logging.getLogger("ray.data").warning("a ray data warning")
     logging.getLogger("dpo_ray").info("prepare: started")
     logging.getLogger("some.library").error("a library error")
+    assert any(console._console_record in h.filters for h in logging.getLogger("mlflow").handlers)  # MLflow's own handler
     for h in logging.getLogger("ray.data").handlers + logging.getLogger().handlers:
         h.flush()
     err = capsys.readouterr().err
