@@ -45,6 +45,14 @@ class _Stderr(logging.StreamHandler):
         super().emit(record)
 
 
+class _File(logging.FileHandler):
+    """The run's log file. Its format stays dpo-ray's: ray.init re-formats every handler of the `ray` logger."""
+
+    def setFormatter(self, fmt):
+        if self.formatter is None:
+            super().setFormatter(fmt)
+
+
 def _console_record(record: logging.LogRecord) -> bool:
     """On a console handler: dpo-ray's own lines at INFO, anyone's warnings and errors."""
     return record.levelno >= logging.WARNING or record.name.split(".")[0] in OWN
@@ -71,7 +79,7 @@ def setup(out_dir: Path | None = None, command: str = "run") -> Path | None:
     if out_dir is not None:
         path = log_path(out_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(path, encoding="utf-8")
+        file = _File(path, encoding="utf-8")
         file.setFormatter(logging.Formatter(FORMAT))
         file.setLevel(logging.INFO)
         handlers.append(file)
@@ -116,7 +124,7 @@ def route_worker_lines(file: logging.Handler | None) -> None:
 
     def print_to_stdstream(data, ignore_prefix):
         lines = data.get("lines") or []
-        if file is not None:
+        if file is not None and data.get("pid") != "autoscaler":  # the autoscaler's status report, every few seconds
             who = data.get("actor_name") or data.get("task_name") or ""
             for line in lines:
                 file.emit(logging.makeLogRecord({"name": "ray.worker", "levelno": logging.INFO, "levelname": "INFO",

@@ -29,8 +29,12 @@ def test_progress_dumps_go_to_the_log_file_and_warnings_reach_the_console(tmp_pa
     assert any(console._console_record in h.filters for h in logging.getLogger("mlflow").handlers)  # MLflow's own handler
     for h in logging.getLogger("ray.data").handlers + logging.getLogger().handlers:
         h.flush()
+    for h in logging.getLogger("ray").handlers:  # what ray.init does (ray._private.ray_logging.setup_logger)
+        h.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("ray.data").info("after ray.init")
     err = capsys.readouterr().err
     text = run_log.read_text()
+    assert any(line.endswith("INFO after ray.init") for line in text.splitlines())
     assert run_log.parent.name == "logs" and run_log.name.startswith("run-") and "log file" in err and str(run_log) in err
     for line in ("Running Dataset: dataset_x", "Starting execution of Dataset", "Creating initial MLflow"):
         assert line in text and line not in err
