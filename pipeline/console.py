@@ -20,6 +20,7 @@ from pathlib import Path
 
 log = logging.getLogger("dpo_ray")
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
+FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the file also says whose line it is
 # libraries that log to the console through handlers of their own (propagate=False): their INFO goes to the file
 LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow")
 OWN = ("dpo_ray", "pipeline")  # logger names whose INFO lines are the console's story
@@ -80,7 +81,7 @@ def setup(out_dir: Path | None = None, command: str = "run") -> Path | None:
         path = log_path(out_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         file = _File(path, encoding="utf-8")
-        file.setFormatter(logging.Formatter(FORMAT))
+        file.setFormatter(logging.Formatter(FILE_FORMAT))
         file.setLevel(logging.INFO)
         handlers.append(file)
     for h in handlers:

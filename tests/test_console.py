@@ -34,7 +34,7 @@ def test_progress_dumps_go_to_the_log_file_and_warnings_reach_the_console(tmp_pa
     logging.getLogger("ray.data").info("after ray.init")
     err = capsys.readouterr().err
     text = run_log.read_text()
-    assert any(line.endswith("INFO after ray.init") for line in text.splitlines())
+    assert any(line.endswith("INFO ray.data: after ray.init") for line in text.splitlines())
     assert run_log.parent.name == "logs" and run_log.name.startswith("run-") and "log file" in err and str(run_log) in err
     for line in ("Running Dataset: dataset_x", "Starting execution of Dataset", "Creating initial MLflow"):
         assert line in text and line not in err
