@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import packing
-from .logps import gather_sums, linear_logps, token_logps
+from .logps import gather_sums, linear_logps, split_sums, token_logps, wpo_log_weights
 
 
 def use_bf16(setting, device) -> bool:
@@ -63,8 +63,11 @@ class PolicyLogps(nn.Module):
         if self.packed:
             model.set_attn_implementation(packing.register())  # plain SDPA for any call that is not a packed batch
 
-    def collate(self, rows: dict, pad_id: int, device=None) -> dict:
+    def collate(self, rows: dict, pad_id: int, device=None, extras: tuple[str, ...] = ()) -> dict:
+        """A batch for forward(); with extras ("shared" and/or "wpo") forward also returns a dict of (2B,) tensors: the
+        LD-DPO shared-part sums and the WPO log-weights of each sequence."""
         batch = packing.pack_pairs(rows, self.attention) if self.packed else packing.pad_pairs(rows, pad_id)
+        batch["extras"] = tuple(extras)
         return packing.to_device(batch, device) if device is not None else batch
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,13 +79,24 @@ class PolicyLogps(nn.Module):
             kwargs.update(attention_mask=packing.placeholder_mask(ids.device), flex_mask=packing.flex_block_mask(batch["flex_index"]))
         else:
             kwargs["attention_mask"] = batch["attention_mask"]
+        extras = batch.get("extras") or ()  # "shared": LD-DPO split sums; "wpo": WPO log-weights
+        wpo = "wpo" in extras
         if self.reply_only_head:
             hidden = self.model.get_decoder()(**kwargs).last_hidden_state  # (R, T, H)
             head = self.model.get_output_embeddings()
             if hidden.device != head.weight.device:  # a model split over GPUs (device_map): the head's GPU does it
                 hidden, batch = hidden.to(head.weight.device), packing.to_device(batch, head.weight.device)
-            per_token = linear_logps(hidden.flatten(0, 1)[batch["score_pos"]], head.weight, head.bias, batch["score_target"])
+            per_token = linear_logps(hidden.flatten(0, 1)[batch["score_pos"]], head.weight, head.bias, batch["score_target"], sum_sq=wpo)
         else:
             logits = self.model(**kwargs).logits.flatten(0, 1)[batch["score_pos"]]
-            per_token = token_logps(logits, batch["score_target"])
-        return gather_sums(per_token, batch["score_seq"], batch["n_seqs"])
+            per_token = token_logps(logits, batch["score_target"], sum_sq=wpo)
+        per_token, log_sum_sq = per_token if wpo else (per_token, None)
+        sums, counts = gather_sums(per_token, batch["score_seq"], batch["n_seqs"])
+        if not extras:
+            return sums, counts
+        out = {}
+        if "shared" in extras:
+            out["shared"] = split_sums(per_token, batch["score_seq"], batch["score_rank"], counts)
+        if wpo:
+            out["wpo"] = wpo_log_weights(per_token, log_sum_sq, batch["score_seq"], counts)
+        return sums, counts, out

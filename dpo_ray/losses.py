@@ -8,8 +8,8 @@ NLL, reference-free; trl/experimental/orpo). All of them read only per-sequence 
 
 `loss_terms` returns each term per pair, scaled so that its mean over a batch is TRL's value of that term on that
 batch: the step loss is sum_k weight_k * mean(term_k). For all but the *batch-coupled* terms (`aot` and
-`aot_unpaired` sort within the batch; `sft` under WPO is the batch's NLL times each pair's weight) a pair's term
-depends on that pair alone, so micro-batches may be summed; the coupled ones must see the whole batch at once.
+`aot_unpaired` sort within the batch) a pair's term depends on that pair alone (sft's per-token mean through the
+batch's token count, a constant), so micro-batches may be summed; the coupled ones must see the whole batch at once.
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ class LossSpec:
     @property
     def batch_coupled(self) -> bool:
         """A term of one pair depends on other pairs of the batch: the step's pairs must be in one loss call."""
-        return bool(set(self.types) & SORTED_LOSSES) or (self.use_weighting and "sft" in self.types)
+        return bool(set(self.types) & SORTED_LOSSES)
 
     @property
     def needs_weights(self) -> bool:
@@ -174,11 +174,9 @@ def loss_terms(spec: LossSpec, pc, pr, rc, rr, lc, lr, *, nll_chosen=None, token
             z = b * d
             mix = torch.sigmoid(z / spec.discopop_tau)
             x = -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
-        elif kind == "sft":  # NLL of the chosen replies per chosen token of the batch (RPO's term: nll_weight)
-            if spec.use_weighting:  # TRL: the batch's NLL times each pair's weight: couples the pairs
-                x = (-nll_chosen.sum() / (tokens_per_pair * len(nll_chosen))).expand(len(nll_chosen))
-            else:
-                x = -nll_chosen / tokens_per_pair
+        elif kind == "sft":  # NLL of the chosen replies per chosen token of the batch (RPO's term: nll_weight). Under WPO
+            # each pair's NLL gets its weight (TRL 1.16 raises there: an in-place multiply of an expanded tensor)
+            x = -nll_chosen / tokens_per_pair
         elif kind == "sigmoid_norm":  # sigmoid on per-token averaged scores
             x = -F.logsigmoid(b * (cs / lcf - rs / lrf))
         elif kind == "simpo":  # SimPO (https://arxiv.org/abs/2405.14734), reference-free; gamma is the margin / beta

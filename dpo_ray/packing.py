@@ -10,6 +10,7 @@ Either layout comes out as one dict the model wrapper (forward.PolicyLogps) take
   input_ids (R, T), attention_mask (R, T) or None, position_ids (R, T) or None,
   score_pos (N,) flat index into R*T of the positions whose logits are scored,
   score_target (N,) the token each of them predicts, score_seq (N,) its sequence (chosen 0..B-1, rejected B..2B-1),
+  score_rank (N,) its index among its sequence's scored tokens (LD-DPO's split at the shorter reply's length),
   attn_blocks (packed, attention "sdpa"): (start, length, (L, L) bool mask) per block of consecutive pairs;
   flex_index (packed, attention "flex"): (3, N) int32 per position: its pair, and the start and end of the
       chosen reply span it must not see (empty for chosen positions) -> flex_block_mask().
@@ -86,7 +87,7 @@ def _scored(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _refs(batch: dict):
     out = {}
-    for k in ("ref_chosen_logps", "ref_rejected_logps"):
+    for k in ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_shared_logps", "ref_rejected_shared_logps"):
         if k in batch:
             out[k] = torch.as_tensor(np.asarray(batch[k], dtype=np.float32))
     return out
@@ -209,8 +210,9 @@ def flex_block_mask(index: torch.Tensor):
 
 
 def _scores(pos, tgt, seq) -> dict:
+    """Each entry of pos/tgt/seq is one sequence's scored tokens in order: score_rank is a token's index in its reply."""
     cat = lambda xs: torch.from_numpy(np.concatenate(xs).astype(np.int64))  # noqa: E731
-    return {"score_pos": cat(pos), "score_target": cat(tgt), "score_seq": cat(seq)}
+    return {"score_pos": cat(pos), "score_target": cat(tgt), "score_seq": cat(seq), "score_rank": cat([np.arange(len(p)) for p in pos])}
 
 
 def to_device(batch: dict, device) -> dict:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 COLUMNS = ["row_id", "chosen_input_ids", "rejected_input_ids", "chosen_loss_mask", "rejected_loss_mask", "ref_chosen_logps",
-           "ref_rejected_logps", "pair_tokens"]
+           "ref_rejected_logps", "ref_chosen_shared_logps", "ref_rejected_shared_logps", "pair_tokens"]
 OPEN_FILES = 4  # Parquet footers kept open per worker (a footer lists every row group of its file)
 
 
@@ -134,4 +134,4 @@ def as_lists(table: pa.Table, idx=None) -> dict[str, list]:
     """Rows (all, or those at idx) as the dict of lists that PolicyLogps.collate takes."""
     if idx is not None:
         table = table.take(pa.array(idx, type=pa.int64()))
-    return {k: table.column(k).to_pylist() for k in COLUMNS if k != "pair_tokens"}
+    return {k: table.column(k).to_pylist() for k in COLUMNS if k != "pair_tokens" and k in table.column_names}

@@ -1,4 +1,7 @@
-"""LogpsScorer: a Ray Data actor class that adds `<prefix>chosen_logps` / `<prefix>rejected_logps` columns.
+"""LogpsScorer: a Ray Data actor class that adds `<prefix>chosen_logps` / `<prefix>rejected_logps` columns, and their
+LD-DPO shared parts `<prefix>chosen_shared_logps` / `<prefix>rejected_shared_logps` (the sums over the first
+min(|chosen|, |rejected|) reply tokens: any train.ld_alpha reads them from one pass); with wpo=True also
+`<prefix>chosen_wpo_logweight` / `<prefix>rejected_wpo_logweight` (the policy's WPO log-weights, for evaluation).
 
 Used by the reference stage (prefix "ref_") and by evaluation (prefix "policy_"). The model is loaded
 once per actor and kept across batches; forward only, under inference_mode, in the policy's own numerics:
@@ -31,7 +34,7 @@ def scoring_precision(bf16: bool, bf16_weights: bool = False) -> str:
 class LogpsScorer:
     def __init__(self, model_path: str, tokenizer_path: str, prefix: str, trust_remote_code: bool = False, threads: int | None = None,
                  token: str | None = None, bf16: bool = False, attention: str = "sdpa", bf16_weights: bool = False,
-                 max_tokens: int | None = None):
+                 max_tokens: int | None = None, wpo: bool = False):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -48,23 +51,28 @@ class LogpsScorer:
         self.pad_id = load_tokenizer(tokenizer_path, trust_remote_code, token).pad_token_id
         self.prefix = prefix
         self.max_tokens = max_tokens  # packed tokens per forward; None: the whole block in one forward
+        self.outputs = ("logps", "shared") + (("wpo",) if wpo else ())
+        self.names = {"logps": "logps", "shared": "shared_logps", "wpo": "wpo_logweight"}
 
-    def logps(self, cols: dict) -> torch.Tensor:
-        """(2B,) float32 on the CPU, order [chosen; rejected], from rows of token ids and loss masks."""
+    def logps(self, cols: dict) -> dict[str, torch.Tensor]:
+        """{output: (2B,) float32 on the CPU, order [chosen; rejected]}, from rows of token ids and loss masks."""
         with torch.inference_mode(), self.precision:
-            logps, _ = self.model(self.model.collate(cols, self.pad_id, self.device))
-        return logps.float().cpu()
+            logps, _, extras = self.model(self.model.collate(cols, self.pad_id, self.device, extras=self.outputs[1:]))
+        return {"logps": logps.float().cpu(), **{k: v.float().cpu() for k, v in extras.items()}}
 
     def __call__(self, table: pa.Table) -> pa.Table:
         """The block's pairs sorted by length and scored in forwards of at most max_tokens packed tokens each (a longer
         pair alone); the log-probs are put back in the block's row order."""
         n = table.num_rows
         groups = token_budget_groups(pair_tokens(table), self.max_tokens) if self.max_tokens else [list(range(n))]
-        logps = np.zeros(2 * n, dtype=np.float32)
+        values = {k: np.zeros(2 * n, dtype=np.float32) for k in self.outputs}
         for idx in groups:
             part = table.take(pa.array(idx, type=pa.int64()))
             cols = {k: part.column(k).to_pylist() for k in ("chosen_input_ids", "rejected_input_ids", "chosen_loss_mask", "rejected_loss_mask")}
-            out = self.logps(cols).numpy().astype(np.float32)
-            logps[idx], logps[[n + i for i in idx]] = out[: len(idx)], out[len(idx):]
-        table = table.append_column(f"{self.prefix}chosen_logps", pa.array(logps[:n], type=pa.float32()))
-        return table.append_column(f"{self.prefix}rejected_logps", pa.array(logps[n:], type=pa.float32()))
+            for k, out in self.logps(cols).items():
+                out = out.numpy().astype(np.float32)
+                values[k][idx], values[k][[n + i for i in idx]] = out[: len(idx)], out[len(idx):]
+        for k in self.outputs:
+            table = table.append_column(f"{self.prefix}chosen_{self.names[k]}", pa.array(values[k][:n], type=pa.float32()))
+            table = table.append_column(f"{self.prefix}rejected_{self.names[k]}", pa.array(values[k][n:], type=pa.float32()))
+        return table

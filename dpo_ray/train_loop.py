@@ -27,7 +27,7 @@ import torch.distributed as dist
 from . import checkpoint, parallel
 from .config import Config
 from .forward import autocast, use_bf16
-from .losses import dpo_loss
+from .losses import combine, ld_logps, loss_terms
 from .metrics import dpo_metrics
 from .packing import token_budget_groups
 from .rows import RowIndex, RowReader, as_lists, prefetched, step_positions
@@ -69,20 +69,73 @@ def max_over_workers(n: int) -> int:
     return int(x.item())
 
 
-def micro_loss(policy, batch: dict, t, step_pairs: int, nll_tokens: int, precision=nullcontext()):
-    """A micro-batch's share of this worker's step loss: the sum of its pairs' DPO losses / the worker's pairs in the step
-    (+ the RPO NLL term, per chosen token of the worker's step), so the step's gradient is the same however its pairs are
-    grouped. Returns (loss, per-pair losses, chosen rewards, rejected rewards, chosen logps, rejected logps)."""
-    with precision:  # the forward in the training precision; the loss in fp32
-        logps, counts = policy(batch)  # (2B,) order [chosen; rejected]
+def loss_extras(spec) -> tuple[str, ...]:
+    """What the forward computes beyond the log-prob sums for this loss (PolicyLogps.collate's extras)."""
+    return (("shared",) if spec.ld_alpha is not None else ()) + (("wpo",) if spec.use_weighting else ())
+
+
+def pair_logps(out, batch: dict, spec) -> dict:
+    """The forward's (2B,) outputs -> per pair (B,): policy pc/pr and reference rc/rr (LD-DPO combined when
+    spec.ld_alpha is set), reply lengths lc/lr, the chosen sums without LD-DPO (nll: sft, orpo), WPO weights wc/wr."""
+    logps, counts, extras = out if len(out) == 3 else (*out, {})
     b = len(batch["ref_chosen_logps"])
-    pc, pr, lc, lr_ = logps[:b], logps[b:], counts[:b], counts[b:]
-    losses, cr, rr = dpo_loss(pc, pr, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=t.beta, loss_type=t.loss_type,
-                              label_smoothing=t.label_smoothing, chosen_lengths=lc, rejected_lengths=lr_, simpo_gamma=t.simpo_gamma)
-    loss = losses.sum() / step_pairs
-    if t.nll_weight > 0:  # RPO: NLL of the chosen replies, per token of the worker's step
-        loss = loss + t.nll_weight * (-pc.sum() / nll_tokens)
-    return loss, losses, cr, rr, pc, pr
+    alpha, shared = spec.ld_alpha, extras.get("shared")
+    ref_shared = (batch.get("ref_chosen_shared_logps"), batch.get("ref_rejected_shared_logps"))
+    if alpha is not None and ref_shared[0] is None:
+        raise ValueError("train.ld_alpha needs the reference's split sums (ref_*_shared_logps): a reference cache of version >= 3")
+    x = {"pc": ld_logps(logps[:b], shared[:b] if shared is not None else None, alpha),
+         "pr": ld_logps(logps[b:], shared[b:] if shared is not None else None, alpha),
+         "rc": ld_logps(batch["ref_chosen_logps"], ref_shared[0], alpha), "rr": ld_logps(batch["ref_rejected_logps"], ref_shared[1], alpha),
+         "lc": counts[:b], "lr": counts[b:], "nll": logps[:b], "wc": None, "wr": None}
+    if "wpo" in extras:
+        x["wc"], x["wr"] = extras["wpo"][:b].exp(), extras["wpo"][b:].exp()
+    return x
+
+
+def pair_losses(spec, x: dict, tokens_per_pair):
+    """(per-pair loss: sum_k weight_k term_k, {type: per-pair term}, chosen rewards, rejected rewards) of pair_logps."""
+    terms, cr, rr = loss_terms(spec, x["pc"], x["pr"], x["rc"], x["rr"], x["lc"], x["lr"], nll_chosen=x["nll"],
+                               tokens_per_pair=tokens_per_pair, wc=x["wc"], wr=x["wr"])
+    return combine(spec, terms), terms, cr, rr
+
+
+def micro_loss(policy, batch: dict, spec, step_pairs: int, tokens_per_pair, precision=nullcontext()):
+    """A micro-batch's share of this worker's step loss: the sum of its pairs' losses / the worker's pairs in the step
+    (an sft / orpo NLL term counts per chosen token of the worker's step: tokens_per_pair), so the step's gradient is the
+    same however its pairs are grouped. Returns (loss, per-pair losses, {type: per-pair term}, chosen rewards,
+    rejected rewards, chosen logps, rejected logps)."""
+    with precision:  # the forward in the training precision; the loss in fp32
+        out = policy(batch)  # (2B,) order [chosen; rejected]
+    x = pair_logps(out, batch, spec)
+    losses, terms, cr, rr = pair_losses(spec, x, tokens_per_pair)
+    return losses.sum() / step_pairs, losses, terms, cr, rr, x["pc"], x["pr"]
+
+
+def coupled_step(policy, batches: list[dict], spec, tokens_per_pair, precision, sync):
+    """The step of a batch-coupled loss (aot's sort over the step's pairs) split over several micro-batches.
+    Pass 1 runs every micro-batch without gradient and takes the step loss's gradient with respect to each pair's
+    log-probs; pass 2 runs them again with gradient and back-propagates those coefficients (the same RNG state, so
+    dropout draws the same masks): the gradient of the whole-step loss, with one micro-batch of activations at a time.
+    Returns what micro_loss returns, for the whole step, without the loss."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), precision:
+            xs = [pair_logps(policy(b), b, spec) for b in batches]
+    cat = lambda k: torch.cat([x[k] for x in xs]) if xs[0][k] is not None else None  # noqa: E731
+    x = {k: cat(k) for k in xs[0]}
+    leaves = {k: x[k].detach().float().requires_grad_() for k in ("pc", "pr", "nll")}
+    losses, terms, cr, rr = pair_losses(spec, {**x, **leaves}, tokens_per_pair)
+    losses.mean().backward()
+    start = 0
+    for i, b in enumerate(batches):  # pass 2: same order, same RNG state as pass 1
+        n = len(b["ref_chosen_logps"])
+        with sync(i == len(batches) - 1):
+            with precision:
+                xi = pair_logps(policy(b), b, spec)
+            surrogate = sum((leaves[k].grad[start:start + n] * xi[k]).sum() for k in leaves)
+            surrogate.backward()
+        start += n
+    return losses.detach(), {k: v.detach() for k, v in terms.items()}, cr, rr, x["pc"], x["pr"]
 
 
 def scored_tokens(masks: list[list[int]]) -> int:
@@ -125,6 +178,8 @@ def train_loop_per_worker(config: dict) -> None:
     policy, wrapper, model = parallel.build_policy(cfg, config["policy_path"], rank, world, device, bf16)
     optimizer = parallel.make_optimizer(policy, t, device)
     precision = autocast(bf16, device)  # the reference and evaluation scorers compute the same way (dpo_ray.scoring)
+    spec = t.loss  # the loss terms and their settings (dpo_ray.losses.LossSpec)
+    extras, spec_nll = loss_extras(spec), bool({"sft", "orpo"} & set(spec.types))
     start_step, loss_first = 0, None
     ckpt = ray.train.get_checkpoint() or (ray.train.Checkpoint(t.resume_from) if t.resume_from else None)  # Ray's own first
     if ckpt:
@@ -158,18 +213,24 @@ def train_loop_per_worker(config: dict) -> None:
         groups = micro_batches(table["pair_tokens"].to_pylist(), bs, t.max_tokens_per_micro_batch)
         if fsdp and world > 1 and t.max_tokens_per_micro_batch:  # every forward all-gathers: the same count on every rank
             groups = split_to(groups, max_over_workers(len(groups)))
-        nll_tokens = scored_tokens(table["chosen_loss_mask"].to_pylist()) if t.nll_weight > 0 else 1
-        parts, tokens = [], 0
-        for micro, idx in enumerate(groups):
-            batch = wrapper.collate(as_lists(table, idx), config["pad_id"], device)
-            tokens += batch["tokens"]  # real tokens of the chosen and rejected sequences (prompt counted in both)
-            # gradients reduced once per step: on the last micro-batch (each worker has one, however many it has)
-            with parallel.sync_gradients(policy, world, last_micro=micro == len(groups) - 1):
-                loss, losses, cr, rr, pc, pr = micro_loss(policy, batch, t, table.num_rows, nll_tokens, precision)
-                loss.backward()
-            parts.append((losses.detach(), cr, rr, pc.detach(), pr.detach()))
+        tokens_per_pair = scored_tokens(table["chosen_loss_mask"].to_pylist()) / table.num_rows if spec_nll else 1.0
+        batches_ = [wrapper.collate(as_lists(table, idx), config["pad_id"], device, extras=extras) for idx in groups]
+        tokens = sum(b["tokens"] for b in batches_)  # real tokens of the chosen and rejected sequences (prompt counted in both)
+        # gradients reduced once per step: on the last micro-batch (each worker has one, however many it has)
+        sync = lambda last: parallel.sync_gradients(policy, world, last_micro=last)  # noqa: E731
+        if spec.batch_coupled and len(batches_) > 1:
+            parts = [coupled_step(policy, batches_, spec, tokens_per_pair, precision, sync)]
+        else:
+            parts = []
+            for micro, batch in enumerate(batches_):
+                with sync(micro == len(batches_) - 1):
+                    loss, *rest = micro_loss(policy, batch, spec, table.num_rows, tokens_per_pair, precision)
+                    loss.backward()
+                losses, terms, cr, rr, pc, pr = rest
+                parts.append((losses.detach(), {k: v.detach() for k, v in terms.items()}, cr, rr, pc.detach(), pr.detach()))
         grad_norm = parallel.clip_gradients(policy, t.max_grad_norm)
-        losses, cr, rr, pc, pr = (torch.cat(x) for x in zip(*parts))
+        losses, cr, rr, pc, pr = (torch.cat([p[i] for p in parts]) for i in (0, 2, 3, 4, 5))
+        terms = {k: torch.cat([p[1][k] for p in parts]) for k in spec.types}
         if not (torch.isfinite(grad_norm) and torch.isfinite(losses).all()):
             optimizer.zero_grad(set_to_none=True)  # skip the update: the weights stay as they were
             nonfinite += 1
@@ -183,7 +244,8 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
 
         # metrics: this worker's pairs, then the mean over workers (equal pair counts per worker)
-        m = {"loss": losses.mean().item(), **dpo_metrics(cr, rr, pc, pr), "grad_norm": float(grad_norm), "learning_rate": lr}
+        m = {"loss": losses.mean().item(), **({f"loss/{k}": v.mean().item() for k, v in terms.items()} if len(terms) > 1 else {}),
+             **dpo_metrics(cr, rr, pc, pr), "grad_norm": float(grad_norm), "learning_rate": lr}
         vec = torch.tensor(list(m.values()) + [tokens], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(vec)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dpo_ray.losses import dpo_loss
+from dpo_ray.losses import combine, ld_logps, loss_terms
 from dpo_ray.metrics import dpo_metrics, pair_accuracies
 from dpo_ray.model import load_tokenizer
 
@@ -33,8 +33,10 @@ EVAL_BATCH = 1024  # scored pairs per batch read back
 def evaluate_model(cfg, ref: Reference, model_path: str, tokenizer_path: str, use_gpu: bool, pairs: bool = False):
     """eval/... metrics of a model; with pairs=True also (metrics, the per-pair table of the TABLE_ROWS pairs the model
     gets most wrong, see pair_table). Streamed: the scored split is read in batches, the metrics are sums over them."""
-    ds = score(read_split(ref.parts, "eval", ref.drop_ids), model_path, tokenizer_path, "policy_", cfg, use_gpu)
-    keep = ["policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_loss_mask", "rejected_loss_mask"]
+    wpo = cfg.train.use_weighting
+    ds = score(read_split(ref.parts, "eval", ref.drop_ids), model_path, tokenizer_path, "policy_", cfg, use_gpu, wpo=wpo)
+    logps = [f"{who}_{side}_{kind}" for who in ("policy", "ref") for side in ("chosen", "rejected") for kind in ("logps", "shared_logps")]
+    keep = logps + ["chosen_loss_mask", "rejected_loss_mask"] + (["policy_chosen_wpo_logweight", "policy_rejected_wpo_logweight"] if wpo else [])
     sums, n, worst = {}, 0, None
     for batch in ds.select_columns(keep + (["row_id", "chosen_input_ids", "rejected_input_ids"] if pairs else [])).iter_batches(
             batch_format="pandas", batch_size=EVAL_BATCH):
@@ -52,18 +54,24 @@ def evaluate_model(cfg, ref: Reference, model_path: str, tokenizer_path: str, us
 
 
 def batch_metrics(cfg, df, use_gpu: bool):
-    """(means over this batch's pairs, reward margins, prefers_chosen per pair) from its scored columns."""
-    col = lambda k: torch.tensor(df[k].to_numpy(), dtype=torch.float64)
-    lengths = lambda k: torch.tensor([int(sum(m)) for m in df[k]], dtype=torch.float64)
-    t = cfg.train
-    losses, cr, rr = dpo_loss(col("policy_chosen_logps"), col("policy_rejected_logps"), col("ref_chosen_logps"), col("ref_rejected_logps"),
-                              beta=t.beta, loss_type=t.loss_type, label_smoothing=t.label_smoothing, simpo_gamma=t.simpo_gamma,
-                              chosen_lengths=lengths("chosen_loss_mask"), rejected_lengths=lengths("rejected_loss_mask"))
+    """(means over this batch's pairs, reward margins, prefers_chosen per pair) from its scored columns. The loss is
+    train.loss_type's own (each term as loss/<type> when there are several); batch-coupled terms (aot's sort) see the
+    pairs of this batch (EVAL_BATCH), as TRL's see an eval batch."""
+    col = lambda k: torch.tensor(df[k].to_numpy(), dtype=torch.float64) if k in df else None  # noqa: E731
+    lengths = lambda k: torch.tensor([int(sum(m[1:])) for m in df[k]], dtype=torch.float64)  # noqa: E731
+    t, spec = cfg.train, cfg.train.loss
+    alpha = spec.ld_alpha
+    lc, lr = lengths("chosen_loss_mask"), lengths("rejected_loss_mask")
+    ld = lambda who, side: ld_logps(col(f"{who}_{side}_logps"), col(f"{who}_{side}_shared_logps"), alpha)  # noqa: E731
+    pc, pr, rc, rr = ld("policy", "chosen"), ld("policy", "rejected"), ld("ref", "chosen"), ld("ref", "rejected")
+    wc, wr = (col(f"policy_{side}_wpo_logweight").exp() if spec.use_weighting else None for side in ("chosen", "rejected"))
+    terms, cr, rr_ = loss_terms(spec, pc, pr, rc, rr, lc, lr, nll_chosen=col("policy_chosen_logps"), wc=wc, wr=wr)
     tie = TIE_TOLERANCE + (BF16_TIE_RELATIVE * t.beta * (col("ref_chosen_logps").abs() + col("ref_rejected_logps").abs())
                            if scoring_bf16(cfg, use_gpu) else 0.0)
-    m = dpo_metrics(cr, rr, col("policy_chosen_logps"), col("policy_rejected_logps"), tie_tolerance=tie)
-    margins = cr - rr
-    return {"loss": losses.mean().item(), **m}, margins.numpy(), pair_accuracies(margins, tie).numpy()  # what rewards/accuracies averages
+    m = dpo_metrics(cr, rr_, pc, pr, tie_tolerance=tie)
+    margins = cr - rr_
+    losses = {"loss": combine(spec, terms).mean().item(), **({f"loss/{k}": v.mean().item() for k, v in terms.items()} if len(terms) > 1 else {})}
+    return {**losses, **m}, margins.numpy(), pair_accuracies(margins, tie).numpy()  # what rewards/accuracies averages
 
 
 def pair_table(df, reward_margins, prefers_chosen, tokenizer_path: str, trust_remote_code: bool, chars: int = PREVIEW_CHARS):

@@ -2,7 +2,8 @@
 
 Output: <cache_dir>/reference/<key>/{train,eval}/ Parquet per input file (on object stores, in the attempt each
 split's _COMPLETE names; see pipeline/artifacts.py) = prepared rows + ref_chosen_logps,
-ref_rejected_logps, pair_tokens (the pair's packed length: chosen + rejected tail after the shared prompt, what the
+ref_rejected_logps, ref_chosen_shared_logps, ref_rejected_shared_logps (LD-DPO's split: the sums over the first
+min(|chosen|, |rejected|) reply tokens), pair_tokens (the pair's packed length: chosen + rejected tail after the shared prompt, what the
 token budgets count). key = the file's prepared key (content, tokenizer, lengths) + reference weights + precision.
 Row groups of ROW_GROUP rows: the train workers read their rows by index, one row group per row (dpo_ray/rows.py).
 """
@@ -27,7 +28,8 @@ from .prepare import Prepared
 from .storage import Location, open_location
 
 log = logging.getLogger("dpo_ray")
-VERSION = 2  # 2: pair_tokens column, row groups of ROW_GROUP rows, a manifest in each split's marker
+VERSION = 3  # 2: pair_tokens column, row groups of ROW_GROUP rows, a manifest in each split's marker; 3: the LD-DPO
+# shared-part sums ref_{chosen,rejected}_shared_logps (so every loss, any ld_alpha included, reads one pass)
 ROW_GROUP = 64  # rows per Parquet row group: a train worker reading one row decodes its row group. Measured for 16 random
 # pairs of ~400-token sequences (local disk): 64 rows 27 ms, 16 rows 50 ms (more groups, more metadata), 1024 rows 206 ms
 
@@ -98,7 +100,7 @@ def add_pair_tokens(table: pa.Table) -> pa.Table:
     return table.append_column("pair_tokens", pa.array(pair_tokens(table), type=pa.int32()))
 
 
-def score(ds, model_path: str, tokenizer_path: str, prefix: str, cfg, use_gpu: bool):
+def score(ds, model_path: str, tokenizer_path: str, prefix: str, cfg, use_gpu: bool, wpo: bool = False):
     """Ray Data: add <prefix>chosen/rejected_logps on an actor pool (1 GPU per actor when used), in the policy's numerics.
 
     The pool autoscales between reference.min_actors and reference.num_actors: a cluster that gains GPUs scores faster.
@@ -111,7 +113,8 @@ def score(ds, model_path: str, tokenizer_path: str, prefix: str, cfg, use_gpu: b
         LogpsScorer,
         fn_constructor_kwargs=dict(model_path=model_path, tokenizer_path=tokenizer_path, prefix=prefix,
                                    trust_remote_code=cfg.model.trust_remote_code, token=cfg.model.hf_token,
-                                   attention=cfg.train.attention, max_tokens=r.max_tokens_per_batch, **scoring_precision_of(cfg, use_gpu)),
+                                   attention=cfg.train.attention, max_tokens=r.max_tokens_per_batch, wpo=wpo,
+                                   **scoring_precision_of(cfg, use_gpu)),
         batch_format="pyarrow", batch_size=r.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=min(r.min_actors, r.num_actors), max_size=r.num_actors),
         num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor if use_gpu else 0,

@@ -67,6 +67,7 @@ def test_step_gradient_does_not_depend_on_the_grouping(demo_model):
     from types import SimpleNamespace
 
     from dpo_ray.forward import PolicyLogps
+    from dpo_ray.losses import LossSpec
     from dpo_ray.model import load_model
 
     torch.manual_seed(0)
@@ -80,7 +81,8 @@ def test_step_gradient_does_not_depend_on_the_grouping(demo_model):
         policy.zero_grad()
         total = 0.0
         for idx in groups:
-            loss, *_ = micro_loss(policy, policy.collate(as_lists(table, idx), 0), t, table.num_rows, nll_tokens)
+            loss, *_ = micro_loss(policy, policy.collate(as_lists(table, idx), 0), LossSpec.from_config(t), table.num_rows,
+                                  nll_tokens / table.num_rows)
             loss.backward()
             total += loss.item()
         return total, torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]).clone()
