@@ -8,7 +8,8 @@ terminal), its "Starting execution" plans, Ray's and MLflow's start-up lines. In
 draws its own progress bars (tqdm, not log records), which stay.
 
 Ray Data configures the `ray.data` logger when `ray.data` is first imported (and clears that logger's handlers then),
-and MLflow its `mlflow` logger when `mlflow` is, so both are imported here first; `ray.init` later only changes the `ray` logger's level and format, not its handlers.
+and MLflow its `mlflow` logger when `mlflow` is, so both are imported here first; `ray.init` later only changes the
+`ray` logger's level and format, not its handlers.
 """
 from __future__ import annotations
 
@@ -107,8 +108,9 @@ def setup(out_dir: Path | None = None, command: str = "run") -> Path | None:
 # A denylist, so that any other line of a worker (dpo-ray's training progress, a warning, a traceback) stays on the console.
 WORKER_NOISE = ("Failed to query Ray Train Controller actor state", "Loading weights:", "Requesting resources:",
                 "Attempting to start training worker group", "Started training worker group", "- (ip=",
-                "Setting up process group for", "Moving model to device", "mlflow.system_metrics",
-                "has constructor arguments in the object store")
+                "Setting up process group for", "Moving model to device", "mlflow.system_metrics")
+# The first is a warning of Ray Train's PlacementGroupCleaner, repeated every few seconds while the machine is busy
+# (1,034 times in one demo run on a loaded 2-core machine); it is Ray's and says nothing about the run: file only.
 
 
 def route_worker_lines(file: logging.Handler | None) -> None:
