@@ -23,32 +23,44 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    policy: str = "demo:tiny-llama"  # local HF directory, hub id, demo:tiny-llama (built offline), or models:/NAME@ALIAS
-    reference: str | None = None  # defaults to the policy
-    tokenizer: str | None = None  # defaults to the policy
-    trust_remote_code: bool = False  # runs code shipped with the model: only for models you trust
-    hf_token: str | None = None  # for private hub models; prefer the HF_TOKEN environment variable. Masked in logs
+    policy: str = Field("demo:tiny-llama", description=(
+        "the model to train: a local Hugging Face directory, a hub id, models:/NAME@ALIAS or models:/NAME/VERSION from the "
+        "MLflow registry, or demo:tiny-llama (built offline)"))
+    reference: str | None = Field(None, description="the reference model, in the same forms as policy; None: the policy's starting weights")
+    tokenizer: str | None = Field(None, description="the tokenizer, in the same forms as policy; None: the policy's")
+    trust_remote_code: bool = Field(False, description="run code shipped with a model: only for models you trust")
+    hf_token: str | None = Field(None, description="for private hub models; prefer the HF_TOKEN environment variable; masked in logs")
 
 
 class ColumnsConfig(_Strict):
     """The user's column names for the standard keys: data.columns: {prompt: question, chosen: response_j, rejected: response_k}."""
 
-    prompt: str | None = None
-    chosen: str
-    rejected: str
-    system: str | None = None  # a system prompt column: a system message before the prompt
+    prompt: str | None = Field(None, description=(
+        "the column holding the prompt (a string or messages); None: chosen and rejected hold the whole conversations or texts, "
+        "whose common start is the prompt"))
+    chosen: str = Field(description="the column holding the preferred reply")
+    rejected: str = Field(description="the column holding the other reply")
+    system: str | None = Field(None, description="a system prompt column: a system message before the prompt")
 
 
 class DataConfig(_Strict):
-    train: list[str] = Field(default_factory=lambda: ["demo:pairs"])  # .jsonl/.json/.parquet(/.gz) files, dirs or globs
-    columns: ColumnsConfig | None = None  # map other column names onto prompt/chosen/rejected(/system)
-    apply_chat_template: bool = True  # false: prompt/chosen/rejected strings are tokenized as they are (base models)
-    eval: list[str] | None = None  # a held-out file; else eval_fraction of train
-    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    max_length: int = Field(512, ge=8)  # tokens per sequence (prompt + reply + EOS)
-    max_prompt_length: int | None = None  # prompt is cut from the left to this; default max_length // 2.
-    # Set it to max_length to keep as much prompt as fits: pairs whose prompt leaves no room for a reply are rejected.
-    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)  # more rejected rows than this stops the run
+    train: list[str] = Field(default_factory=lambda: ["demo:pairs"], description=(
+        "the training data: .jsonl, .json, .parquet (and .jsonl.gz / .json.gz) files, directories of them, or globs; "
+        "one path may be given as a string; demo:pairs is the bundled demo data"))
+    columns: ColumnsConfig | None = Field(None, description=(
+        "other column names mapped onto prompt / chosen / rejected (/ system), e.g. {prompt: question, chosen: response_j, "
+        "rejected: response_k}; None: the layouts are detected row by row"))
+    apply_chat_template: bool = Field(True, description=(
+        "false: prompt, chosen and rejected strings are tokenized as they are (base models, text that already holds its turns)"))
+    eval: list[str] | None = Field(None, description="held-out files, in the same forms as train; None: eval_fraction of train")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description=(
+        "without data.eval: this fraction of the train pairs is held out, picked by content hash (stable as data grows)"))
+    max_length: int = Field(512, ge=8, description="tokens per sequence (prompt + reply + EOS); longer pairs are cut")
+    max_prompt_length: int | None = Field(None, description=(
+        "the prompt is cut from the left to this many tokens, then the reply from the right; None: max_length // 2. "
+        "max_length keeps as much prompt as fits: pairs whose prompt leaves no room for a reply are rejected"))
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description=(
+        "more rejected rows than this fraction stops the run after prepare, before any model work"))
 
     @model_validator(mode="before")
     @classmethod
@@ -74,14 +86,17 @@ class DataConfig(_Strict):
 
 
 class ReferenceConfig(_Strict):
-    batch_size: int = Field(16, ge=1)  # pairs per block handed to an actor (and per forward without a token budget)
-    max_tokens_per_batch: int | None = Field(None, ge=1)  # packed tokens per forward: a block is sorted by length and
-    # split into forwards of at most this many tokens (a longer pair alone); None: one forward per block
-    num_actors: int = Field(1, ge=1)  # the most actors: one model copy each; one GPU each when GPUs exist
-    min_actors: int = Field(1, ge=1)  # the pool autoscales between min_actors and num_actors as the cluster allows
-    cpus_per_actor: float = Field(0.5, gt=0)  # < 1 leaves CPU for Ray Data's read tasks on small machines
-    gpus_per_actor: int = Field(1, ge=1)  # >1: a reference model too big for one GPU is split over the actor's GPUs
-    # (transformers device_map="auto"); the log says how it was placed
+    batch_size: int = Field(16, ge=1, description="pairs per block handed to a scoring actor (and per forward without a token budget)")
+    max_tokens_per_batch: int | None = Field(None, ge=1, description=(
+        "packed tokens per scoring forward: a block is sorted by length and split into forwards of at most this many "
+        "tokens (a longer pair alone); None: one forward per block"))
+    num_actors: int = Field(1, ge=1, description="the most scoring actors: one model copy each; one GPU each when there are GPUs")
+    min_actors: int = Field(1, ge=1, description=(
+        "the actor pool autoscales between min_actors and num_actors (ActorPoolStrategy) as the cluster allows"))
+    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs per actor; below 1 leaves CPU for Ray Data's read tasks on small machines")
+    gpus_per_actor: int = Field(1, ge=1, description=(
+        "more than 1: a reference model too big for one GPU is split over the actor's GPUs (transformers "
+        "device_map=\"auto\"); the log says how it was placed"))
 
 
 LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
@@ -92,18 +107,21 @@ class LoraConfig(_Strict):
     """LoRA adapters (peft) on the policy; off unless train.lora is set (`--set train.lora.r=8` is enough).
     The cached reference log-probs are the base model's: the adapters start at zero, so no switching is needed."""
 
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32, gt=0)  # the update is scaled by alpha / r
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"  # peft's names: all-linear (every Linear but the LM head) or module names
-    merge: bool = True  # also export the merged model (<output_dir>/model); false keeps only <output_dir>/adapter
+    r: int = Field(16, ge=1, description="the adapters' rank")
+    alpha: float = Field(32, gt=0, description="the adapters' update is scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: str | list[str] = Field("all-linear", description=(
+        "peft's names: all-linear (every Linear layer but the LM head) or a list of module names"))
+    merge: bool = Field(True, description=(
+        "also export the merged model (<output_dir>/model, plain transformers); false keeps only <output_dir>/adapter"))
 
 
 class TrainConfig(_Strict):
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
-    cpus_per_worker: float | None = None  # None: fits the workers in the CPUs Ray has, leaving room for data
-    torch_threads: int | None = None  # None: the machine's cores divided among local workers
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one GPU each on GPUs)")
+    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
+    cpus_per_worker: float | None = Field(None, description=(
+        "CPUs per train worker; None: at most 1, fitted into the CPUs Ray has, leaving 0.5 CPU for data"))
+    torch_threads: int | None = Field(None, description="torch threads per worker; None: the machine's cores divided among local workers")
     loss_type: LossType | list[LossType] = Field("sigmoid", description=(
         "the preference loss, or a list of losses summed with loss_weights (MPO); every TRL 1.16 DPOTrainer loss_type "
         "plus simpo and orpo (reference-free) and cDPO (sigmoid with label_smoothing > 0); see docs/losses.md"))
@@ -124,36 +142,50 @@ class TrainConfig(_Strict):
         "(policy and reference alike; the cached reference keeps the split sums); None: off"))
     nll_weight: float = Field(0.0, ge=0.0, description=(
         "RPO shorthand: adds an sft term (the chosen replies' NLL per token) with this weight; 0 = off"))
-    lr: float = Field(5e-6, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)  # cap on optimizer steps (after epochs are counted)
-    batch_size_per_worker: int = Field(8, ge=1)  # pairs per micro-batch per worker; x workers x grad_accum_steps = pairs per step
-    grad_accum_steps: int = Field(1, ge=1)
-    max_tokens_per_micro_batch: int | None = Field(None, ge=1)  # packed tokens (prompt once per pair) per micro-batch: a
-    # worker's pairs of a step (batch_size_per_worker x grad_accum_steps) are split into micro-batches filled up to this
-    # budget (a longer pair alone); the loss is averaged over the step's pairs. None: micro-batches of batch_size_per_worker
-    prefetch_steps: int = Field(2, ge=0)  # steps of rows each worker reads ahead (a background thread); its memory bound
-    max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
-    bf16: bool | Literal["auto"] = "auto"  # bf16 autocast, fp32 master weights; auto: on CUDA and on CPUs with native bf16
-    gradient_checkpointing: bool = False  # recompute each layer's activations in backward: less memory, the forward runs twice
-    strategy: Literal["ddp", "fsdp"] = "ddp"  # ddp: a full copy of the model per worker; fsdp: FSDP2, parameters,
-    # gradients and optimizer state sharded over the workers (each decoder layer, then the root)
-    cpu_offload: bool = False  # fsdp only: parameters and optimizer state live in host memory (slower, fits bigger models)
-    lora: LoraConfig | None = None  # LoRA adapters instead of a full fine-tune; see LoraConfig
-    gpu_memory_gb: float | None = Field(None, gt=0)  # the memory plan checks against this; None: the GPU's own (asked
-    # from the cluster), no check on CPU-only runs
-    attention: Literal["sdpa", "flex"] = "sdpa"  # packed-pair attention, also for reference and eval scoring: sdpa (a dense
-    # mask per block of pairs) or flex (FlexAttention, one block mask per batch; compiled on CUDA, eager and slow on CPU)
-    checkpoint_every: int = Field(100, ge=1)  # optimizer steps between Ray Train checkpoints
-    log_every: int = Field(10, ge=1)
-    max_failures: int = Field(0, ge=0)  # worker-group restarts from the last checkpoint
-    max_nonfinite_steps: int = Field(3, ge=1)  # consecutive skipped (NaN/inf) steps before stopping
-    storage_path: str | None = None  # Ray Train storage; default <output_dir>/ray_train
-    resume_from: str | None = None  # a checkpoint directory to start from (e.g. <storage>/dpo-.../checkpoint_...), possibly
-    # written with another number of workers; a rerun of the same config resumes its own last checkpoint without it
+    lr: float = Field(5e-6, gt=0, description="AdamW's peak learning rate (the fused kernel on CPU and CUDA)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's weight decay")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="the fraction of the steps with a linear warmup, then a cosine decay")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the cosine decays to lr * min_lr_ratio")
+    epochs: int = Field(1, ge=1, description="passes over the training pairs")
+    max_steps: int | None = Field(None, ge=1, description="a cap on optimizer steps (after the epochs are counted); None: no cap")
+    batch_size_per_worker: int = Field(8, ge=1, description=(
+        "pairs per micro-batch per worker; x num_workers x grad_accum_steps = the pairs of an optimizer step"))
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1, description=(
+        "packed tokens (prompt once per pair) per micro-batch: a worker's pairs of a step (batch_size_per_worker x "
+        "grad_accum_steps) are regrouped, longest first, into micro-batches filled up to this budget (a longer pair alone); "
+        "the loss is averaged over the step's pairs, so the update does not depend on the grouping. None: micro-batches "
+        "of batch_size_per_worker pairs"))
+    prefetch_steps: int = Field(2, ge=0, description=(
+        "steps of rows each worker reads ahead of training, in a background thread (its memory bound)"))
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 disables clipping")
+    bf16: bool | Literal["auto"] = Field("auto", description=(
+        "bf16 autocast with fp32 master weights; auto: on CUDA and on CPUs with native bf16 (AVX2-only CPUs emulate it, "
+        "slower than fp32); the reference and eval scorers compute the same way, so step 1 reads loss ln 2"))
+    gradient_checkpointing: bool = Field(False, description=(
+        "recompute each decoder layer's activations in backward: far less activation memory, the layers' forward runs twice"))
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description=(
+        "ddp: a full copy of the model per worker; fsdp: FSDP2, parameters, gradients and optimizer state sharded over the "
+        "workers (each decoder layer, then the root); see docs/big-models.md"))
+    cpu_offload: bool = Field(False, description=(
+        "fsdp only: parameters and optimizer state live in host memory (slower, fits bigger models)"))
+    lora: LoraConfig | None = Field(None, description=(
+        "LoRA adapters (peft) instead of a full fine-tune; setting any of its keys turns it on (--set train.lora.r=8)"))
+    gpu_memory_gb: float | None = Field(None, gt=0, description=(
+        "the GPU memory the memory plan is checked against; None: the GPU's own (asked from the cluster), no check on "
+        "CPU-only runs; stated, it is checked on CPU runs too"))
+    attention: Literal["sdpa", "flex"] = Field("sdpa", description=(
+        "packed-pair attention, also for reference and eval scoring: sdpa (one SDPA call per block of pairs, a dense mask) "
+        "or flex (FlexAttention, one block mask per batch; compiled on CUDA, eager and slow on CPU)"))
+    checkpoint_every: int = Field(100, ge=1, description="optimizer steps between Ray Train checkpoints")
+    log_every: int = Field(10, ge=1, description="optimizer steps between progress lines (loss, rewards, tokens/s, ETA)")
+    max_failures: int = Field(0, ge=0, description="worker-group restarts from the last checkpoint when a worker dies")
+    max_nonfinite_steps: int = Field(3, ge=1, description="consecutive skipped (NaN/inf) steps before the run stops")
+    storage_path: str | None = Field(None, description=(
+        "Ray Train storage (checkpoints): a path or a pyarrow.fs URI (s3://...); None: <output_dir>/ray_train"))
+    resume_from: str | None = Field(None, description=(
+        "a checkpoint directory to start from (e.g. <storage>/dpo-.../checkpoint_...), possibly written with another "
+        "number of workers; a rerun of the same config resumes its own last checkpoint without it"))
 
     @model_validator(mode="after")
     def _loss_is_consistent(self) -> "TrainConfig":
@@ -182,29 +214,37 @@ class TrainConfig(_Strict):
 
 
 class MLflowConfig(_Strict):
-    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
-    experiment: str = "dpo-ray"
-    run_name: str | None = None  # None: model, data fingerprint and main hyperparameters
-    system_metrics: bool = True  # MLflow's CPU/memory/GPU sampling, from the driver and the rank-0 train worker
+    tracking_uri: str | None = Field(None, description=(
+        "any MLflow tracking URI, e.g. http://127.0.0.1:5000; None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the "
+        "working directory"))
+    experiment: str = Field("dpo-ray", description="the MLflow experiment the runs go to")
+    run_name: str | None = Field(None, description="None: the model, the data fingerprint, the loss, beta, lr and epochs")
+    system_metrics: bool = Field(True, description=(
+        "MLflow's CPU, memory and GPU sampling, from the driver and the rank-0 train worker"))
 
 
 class RegistryConfig(_Strict):
-    name: str | None = None  # MLflow registered model; None: no registration
-    metric: Literal["rewards/accuracies", "rewards/margins"] = "rewards/accuracies"  # eval metric that decides
-    min_improvement: float = 0.0  # the challenger takes the champion alias only if better by at least this
+    name: str | None = Field(None, description=(
+        "the MLflow registered model each run's model becomes a version of (alias challenger); None: no registration"))
+    metric: Literal["rewards/accuracies", "rewards/margins"] = Field("rewards/accuracies", description=(
+        "the eval metric that decides between challenger and champion"))
+    min_improvement: float = Field(0.0, description="the challenger takes the champion alias only if better by at least this")
 
 
 class Config(_Strict):
-    name: str = "dpo"
-    output_dir: str = "runs/dpo"
-    cache_dir: str = "cache"  # prepared data and reference log-probs, keyed by fingerprint: a path or a pyarrow.fs URI (s3://...)
-    seed: int = 0
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
-    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    name: str = Field("dpo", description="the experiment's name, saved with the config and in the MLflow params")
+    output_dir: str = Field("runs/dpo", description=(
+        "a local or shared-mount path: the run lock, summary.json, rejects.jsonl, logs/, the exported model/"))
+    cache_dir: str = Field("cache", description=(
+        "prepared data and reference log-probs, keyed by fingerprint: a path or a pyarrow.fs URI (s3://..., gs://..., "
+        "file://...); see docs/cluster.md"))
+    seed: int = Field(0, description="seeds the data order (a function of seed and epoch) and the workers' torch RNG")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the policy, reference and tokenizer")
+    data: DataConfig = Field(default_factory=DataConfig, description="the preference pairs and how they are tokenized")
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig, description="the reference log-probs' scoring pool")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the loss, the optimizer, the workers")
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig, description="where runs are tracked")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="the MLflow Model Registry gate")
 
     @model_validator(mode="after")
     def _output_dir_is_a_path(self) -> "Config":

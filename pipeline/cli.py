@@ -1,4 +1,5 @@
-"""`dpo-ray run|prepare|reference|train|evaluate CONFIG [--set dotted.key=value ...] [--address ADDR]`.
+"""`dpo-ray run|prepare|reference|train|evaluate CONFIG [--set dotted.key=value ...] [--address ADDR] [--json]`,
+`dpo-ray doctor [CONFIG]`, `dpo-ray --version`.
 
 A user mistake prints one line `dpo-ray: error: ...` and exits 2; bugs keep their traceback.
 """
@@ -7,6 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from . import doctor
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from dpo_ray.config import ConfigError
@@ -23,6 +27,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpo-ray", description="DPO preference training on Ray, tracked in MLflow.")
+    p.add_argument("--version", action="version", version=doctor.version())
     sub = p.add_subparsers(dest="command", required=True)
     helps = {
         "run": "all stages: prepare, reference, train, evaluate (done stages are reused)",
@@ -39,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
         s.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray runtime)")
+        s.add_argument("--json", action="store_true", help="print the whole summary as JSON on stdout (for scripts)")
+    d = sub.add_parser("doctor", help="check what a run needs (Python, torch, Ray, directories, MLflow, GPU memory): a line each")
+    d.add_argument("config", nargs="?", default=None, help="YAML experiment file (default: the built-in defaults)")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    d.add_argument("--address", default=None, help="Ray cluster address to check (default: $RAY_ADDRESS)")
     return p
 
 
@@ -48,9 +58,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from .run import COMMANDS, run, setup_logging
+        if args.command == "doctor":
+            return doctor.main(cfg, args.address)
+        from . import console
+        from .run import COMMANDS, check_output_dir, run
 
-        setup_logging()
+        check_output_dir(Path(cfg.output_dir).resolve())
+        console.setup(Path(cfg.output_dir).resolve(), args.command)
         summary = run(cfg, COMMANDS[args.command], address=args.address, retrain=args.command == "retrain")
     except _user_errors() as e:
         print(f"dpo-ray: error: {e}", file=sys.stderr)
@@ -58,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dpo-ray: interrupted", file=sys.stderr)
         return 130
-    print(json.dumps(summary, indent=2, default=str))
+    if getattr(args, "json", False):  # a subcommand without --json (doctor returns earlier) prints the short summary
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        console.print_summary(summary)
     return 0
 
 

@@ -16,6 +16,7 @@ from dpo_ray.losses import combine, ld_logps, loss_terms
 from dpo_ray.metrics import dpo_metrics, pair_accuracies
 from dpo_ray.model import load_tokenizer
 
+from . import console
 from .reference import Reference, has_split, read_split, score, scoring_bf16
 
 log = logging.getLogger("dpo_ray")
@@ -94,6 +95,7 @@ def pair_table(df, reward_margins, prefers_chosen, tokenizer_path: str, trust_re
     }).sort_values("reward_margin", kind="stable").reset_index(drop=True)  # the pairs the model gets most wrong first
 
 
+@console.stage("evaluate", lambda r: f"reward accuracy {r[0]['eval/rewards/accuracies']:.3f} (reference {r[0]['eval/reference/rewards/accuracies']:.3f})")
 def run(cfg, ref: Reference, model_dir: Path, reference_path: str, tokenizer_path: str, use_gpu: bool):
     """Returns (eval/... metrics for the trained model and eval/reference/... for the reference itself, the per-pair
     table of the trained model); ({}, None) without an eval split."""

@@ -24,7 +24,7 @@ import pyarrow.parquet  # noqa: F401  (pa.parquet)
 from dpo_ray.data import LAYOUTS, Reject, decode_line, pair_hash, to_pair, tokenize_pairs, validate
 from dpo_ray.model import fingerprint_tokenizer, load_tokenizer
 
-from . import sources
+from . import console, sources
 from .artifacts import DataError, complete_dir, completed, fingerprint, hash_file, resolve_data_files
 from .storage import Location, open_location
 
@@ -135,6 +135,8 @@ def check_files(cfg, files: list[Path]) -> dict[Path, str]:
     return kinds
 
 
+@console.stage("prepare", lambda p: f"{p.stats['rows_used']} pairs ({p.stats['train_rows']} train / {p.stats['eval_rows']} eval), "
+                             f"{p.stats['rows_rejected']} rejected, {p.stats['duplicates']} duplicates")
 def run(cfg, tokenizer_path: str, rejects_copy: Path) -> Prepared:
     files = resolve_data_files(cfg.data.train)
     eval_files = resolve_data_files(cfg.data.eval) if cfg.data.eval else []

@@ -22,6 +22,7 @@ from dpo_ray.model import fingerprint_model
 from dpo_ray.packing import pair_tokens
 from dpo_ray.scoring import LogpsScorer, scoring_precision
 
+from . import console
 from .artifacts import DONE, complete_dir, completed, fingerprint, is_complete
 from .prepare import Prepared
 from .storage import Location, open_location
@@ -120,6 +121,7 @@ def score(ds, model_path: str, tokenizer_path: str, prefix: str, cfg, use_gpu: b
     )
 
 
+@console.stage("reference", lambda r: f"{len(r.parts)} file(s), cache {'hit' if r.hit else 'written'}: {r.parts[0] if len(r.parts) == 1 else r.parts[0].parent}")
 def run(cfg, prepared: Prepared, reference_path: str, tokenizer_path: str, use_gpu: bool) -> Reference:
     """Per prepared part and split: written aside and renamed into place when whole; the part is marked complete
     last. A run killed midway leaves nothing that looks finished, and the next run reuses what is."""

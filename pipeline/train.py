@@ -10,6 +10,7 @@ from dpo_ray import checkpoint
 from dpo_ray.rows import CacheReadError
 from dpo_ray.train_loop import train_loop_per_worker
 
+from . import console
 from .artifacts import fingerprint
 from .reference import split_files
 
@@ -18,6 +19,7 @@ WORKER_LAYOUT = {"max_failures", "log_every", "num_workers", "batch_size_per_wor
                  "torch_threads", "use_gpu", "cpu_offload", "gpu_memory_gb", "resume_from", "prefetch_steps"}
 
 
+@console.stage("train", lambda r: f"{r.metrics['step']} steps, loss {r.metrics['loss_first']:.4f} -> {r.metrics['loss_last']:.4f}")
 def run(cfg, ref, policy_path: str, pad_id: int, use_gpu: bool, cpus_per_worker: float, tracking_uri: str | None, run_id: str | None):
     """Returns the ray.train.Result. The Ray run name is a fingerprint of the inputs and the train config, so rerunning
     the same thing resumes its last checkpoint instead of starting over, also with another number of workers: the

@@ -12,4 +12,4 @@ pipq torch==2.13.0
 EXTRAS=test
 if [ "${1:-}" = "--bench" ]; then EXTRAS=test,bench; fi  # the benchmark's extra: trl, datasets, psutil
 pipq -c constraints.txt -e ".[$EXTRAS]"
-.venv/bin/python -c "import torch, ray, mlflow, transformers, dpo_ray; print('dpo-ray installed: torch', torch.__version__, '| ray', ray.__version__, '| mlflow', mlflow.__version__, '| transformers', transformers.__version__)"
+.venv/bin/python -c "import torch, ray, mlflow, transformers; from importlib.metadata import version; print(f'installed dpo-ray {version(\"dpo-ray\")} in ./.venv (torch {torch.__version__}, ray {ray.__version__}, mlflow {mlflow.__version__}, transformers {transformers.__version__}); next: .venv/bin/dpo-ray run configs/demo.yaml')"

@@ -215,7 +215,7 @@ def test_cli_beside_a_cluster_runs_locally_and_a_driver_without_token_mode_is_to
     shutil.copy(Path(cluster.temp_dir) / "ray_current_cluster", Path(tmp_root) / "ray" / "ray_current_cluster")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")} | {"RAY_TMPDIR": tmp_root}
     sets = small_config(tmp_path.resolve(), Path(cache_dir).resolve(), Path(small_pairs).resolve())
-    cmd = [str(Path(sys.executable).parent / "dpo-ray"), "prepare", "configs/demo.yaml"] + [a for s in sets for a in ("--set", s)]
+    cmd = [str(Path(sys.executable).parent / "dpo-ray"), "prepare", "configs/demo.yaml", "--json"] + [a for s in sets for a in ("--set", s)]
     try:
         local = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     finally:

@@ -54,6 +54,10 @@ def test_summary_contract(cli_run):
     # the reference scored against its own cache: chance accuracy, zero margin
     assert s["eval_reference"]["rewards/accuracies"] == 0.5 and abs(s["eval_reference"]["rewards/margins"]) < 1e-4
     assert "step 6/6 | loss" in proc.stderr + proc.stdout and "ETA" in proc.stderr + proc.stdout
+    # the console tells dpo-ray's story; Ray Data's progress dumps (stdout is not a terminal here) are in the log file
+    assert "prepare: finished in" in proc.stderr and "Running Dataset" not in proc.stderr + proc.stdout
+    assert "reward accuracy" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
+    assert "Running Dataset" in next((tmp / "out" / "logs").glob("run-*.log")).read_text()
 
 
 def test_exported_model_loads_with_transformers(cli_run):

@@ -184,7 +184,7 @@ def test_cache_with_wrong_credentials_is_refused_up_front(s3, monkeypatch, tmp_p
 
 
 def cli(stage: str, sets: list[str], env: dict) -> tuple[int, dict | None, str]:
-    cmd = [str(Path(sys.executable).parent / "dpo-ray"), stage, "configs/demo.yaml"] + [a for s in sets for a in ("--set", s)]
+    cmd = [str(Path(sys.executable).parent / "dpo-ray"), stage, "configs/demo.yaml", "--json"] + [a for s in sets for a in ("--set", s)]
     base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI") and not k.startswith("AWS_")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env={**base, **env})
     out = proc.stdout
