@@ -348,11 +348,12 @@ def train_and_export(cfg: Config, inp: Inputs, ref, use_gpu: bool, cpus_per_work
                        "host_memory_peak_mb": m.get("host_memory_peak_mb"), "gpu_peak_memory_mb": m.get("gpu_peak_memory_mb")}
 
 
-def evaluate_and_log(cfg: Config, inp: Inputs, ref, model_dir: Path, use_gpu: bool, tracker, step: int) -> tuple[dict, dict]:
+def evaluate_and_log(cfg: Config, inp: Inputs, ref, model_dir: Path, use_gpu: bool, tracker, step: int,
+                     baseline: dict | None = None) -> tuple[dict, dict]:
     """Stage 4 and its logging (metrics at `step`, the eval_pairs table): (eval/... metrics, their summary entries)."""
     if not model_dir.exists():
         raise SetupError(f"evaluate: no trained model at {model_dir}; run `dpo-ray train` first")
-    ev, pairs = evaluate.run(cfg, ref, model_dir, inp.reference_path, inp.tokenizer_path, use_gpu)
+    ev, pairs = evaluate.run(cfg, ref, model_dir, inp.reference_path, inp.tokenizer_path, use_gpu, baseline)
     if pairs is not None:
         tracker.call("eval_pairs.json", tracker.client.log_table, data=pairs, artifact_file="eval_pairs.json")
     tracker.log_metrics(ev, step=step)

@@ -22,8 +22,9 @@ import yaml
 from dpo_ray.config import Config, ConfigError, masked
 from dpo_ray.tracking import ensure_experiment
 
-from . import prepare, reference
+from . import evaluate, prepare, reference
 from .artifacts import exclusive, fingerprint, write_json_atomic
+from .storage import open_location
 from .run import (DATA_HEADROOM_CPUS, Inputs, SetupError, check_memory, check_output_dir, evaluate_and_log, fail_run, finish_run,
                   log_model, open_run, plan_resources, plot_curves, preflight, register_model, replace_dir, setup_logging,
                   start_ray, train_and_export)
@@ -35,6 +36,7 @@ log = logging.getLogger("dpo_ray")
 STAGE_KEYS = ("data.", "model.", "cache_dir", "train.bf16", "train.strategy", "train.use_gpu")
 DISTRIBUTIONS = {"uniform", "loguniform", "randint", "choice"}
 TRIAL_CPUS = 0.01
+NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 SPEC = re.compile(r"^\s*(\w+)\s*\((.*)\)\s*$")
 
 
@@ -60,9 +62,17 @@ def parse_sample(item: str) -> tuple[str, str]:
 
 def _yaml(raw: str, where: str):
     try:
-        return yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML ({e.problem})") from None
+    return [_number(v) for v in value] if isinstance(value, list) else value
+
+
+def _number(v):
+    """YAML 1.1 reads 1e-5 (no dot) as a string: numbers are numbers here."""
+    if isinstance(v, str) and NUMBER.match(v):
+        return float(v)
+    return [_number(x) for x in v] if isinstance(v, list) else v
 
 
 def distribution(key: str, spec: str):
@@ -86,7 +96,7 @@ def distribution(key: str, spec: str):
 def param_space(sweep) -> dict:
     from ray import tune
 
-    space = {k: tune.grid_search(v) for k, v in sweep.grid.items()}
+    space = {k: tune.grid_search(_number(list(v))) for k, v in sweep.grid.items()}
     space.update({k: distribution(k, v) for k, v in sweep.sample.items()})
     return space
 
@@ -168,7 +178,7 @@ def trial(overrides: dict, ctx: dict) -> None:
         model_dir, train_summary = train_and_export(cfg, inp, ref, use_gpu, cpus_per_worker, tracker, name=trial_id,
                                                     callbacks=[TuneReportCallback()])
         steps = train_summary["steps"] or 0
-        ev, evs = evaluate_and_log(cfg, inp, ref, model_dir, use_gpu, tracker, step=steps)
+        ev, evs = evaluate_and_log(cfg, inp, ref, model_dir, use_gpu, tracker, step=steps, baseline=group["baseline"])
         plot_curves(tracker, out_dir / "curves.png")
         summary = {"trial_id": trial_id, "overrides": overrides, "mlflow_run_id": tracker.run_id, "model_dir": str(model_dir),
                    "train": train_summary, **evs}
@@ -311,14 +321,14 @@ def shared_stages(cfg: Config, values: dict, inp: Inputs, use_gpu: bool) -> tupl
     ref = reference.run(cfg, prepared, ref_path, tok_path, use_gpu)
     seconds = {"prepare_seconds": round(t1 - t0, 2), "reference_seconds": round(time.time() - t1, 2), "reference_hit": ref.hit,
                "reference_key": ref.key}
-    # what a run without the cache spends scoring: measured when this pass scored, else from the pass that did
-    record = out_dir / "reference_seconds.json"
-    measured = json.loads(record.read_text()) if record.exists() else {}
+    # what a run without the cache spends scoring: measured when this pass scored, else by the pass that filled the cache
+    record = open_location(cfg.cache_dir) / "reference" / f"{ref.key}.seconds.json"
     if not ref.hit:
-        measured[ref.key] = seconds["reference_seconds"]
-        write_json_atomic(record, measured)
-    seconds["reference_seconds_measured"] = measured.get(ref.key)
-    group = {"prepared": prepared, "reference": ref, "reference_path": ref_path, "tokenizer_path": tok_path,
+        record.write_text(json.dumps({"reference_seconds": seconds["reference_seconds"]}) + "\n")
+    seconds["reference_seconds_measured"] = json.loads(record.read_text())["reference_seconds"] if record.is_file() else None
+    # the reference scored against its own cache (eval/reference/...: chance accuracy, zero margin), once for all trials
+    baseline = evaluate.evaluate_model(cfg, ref, ref_path, tok_path, use_gpu) if any(evaluate.has_split(p, "eval") for p in ref.parts) else None
+    group = {"prepared": prepared, "reference": ref, "reference_path": ref_path, "tokenizer_path": tok_path, "baseline": baseline,
              "tokenizer": load_tokenizer(tok_path, cfg.model.trust_remote_code, cfg.model.hf_token)}
     return group, seconds
 

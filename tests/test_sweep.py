@@ -17,7 +17,6 @@ import pytest
 
 from conftest import small_config
 
-pytestmark = pytest.mark.slow
 STEPS = 4
 
 
@@ -48,7 +47,7 @@ def cache(tmp_path_factory, demo_model) -> Path:
 def grid_sweep(tmp_path_factory, cache, tiny_pairs):
     """The CLI sweep, interrupted after its first trial finished, then the same command again."""
     tmp = tmp_path_factory.mktemp("grid")
-    sets = sweep_sets(tmp, cache, tiny_pairs)
+    sets = sweep_sets(tmp, cache, tiny_pairs, **{"registry.name": "sweep-demo"})
     cmd = [str(Path(sys.executable).parent / "dpo-ray"), "sweep", "configs/demo.yaml", "--grid", "train.beta=[0.05,0.3,-1,0.1]"]
     cmd += [a for s in sets for a in ("--set", s)]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
@@ -70,6 +69,7 @@ def grid_sweep(tmp_path_factory, cache, tiny_pairs):
     return tmp, json.loads((tmp / "out" / "sweep_summary.json").read_text()), rc_first, first_done, text
 
 
+@pytest.mark.slow
 def test_grid_sweep_shares_one_reference_pass_and_nests_child_runs(grid_sweep):
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM
@@ -102,10 +102,15 @@ def test_grid_sweep_shares_one_reference_pass_and_nests_child_runs(grid_sweep):
         assert len(client.get_metric_history(c.info.run_id, "train/loss")) == STEPS  # trained once: no step logged twice
     model = AutoModelForCausalLM.from_pretrained(s["best"]["model_dir"])
     assert Path(s["best"]["model_dir"]) == tmp / "out" / "best" / "model" and model.num_parameters() > 0
+    # the best trial went through the champion/challenger gate from its own run (the first version: promoted)
+    assert s["best"]["registry"]["decision"] == "promoted"
+    version = client.get_model_version_by_alias("sweep-demo", "champion")
+    assert version.run_id == best["mlflow_run_id"]
     # sweep.keep_models=false: the trials' own models are gone, the best's copy stays
     assert not any((tmp / "out" / "trials").glob("*/model"))
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_continues_without_retraining(grid_sweep):
     tmp, s, rc_first, first_done, (first, second) = grid_sweep
     assert rc_first == 130 and "interrupted; run the same command again" in first
@@ -118,6 +123,7 @@ def test_interrupted_sweep_continues_without_retraining(grid_sweep):
     assert json.loads(first_done[0].read_text())["mlflow_run_id"] == trial["mlflow_run_id"]
 
 
+@pytest.mark.slow
 def test_asha_stops_trials_early_and_stages_run_once_per_max_length(tmp_path, cache, tiny_pairs, ray_local, caplog):
     import logging
 
@@ -140,3 +146,30 @@ def test_asha_stops_trials_early_and_stages_run_once_per_max_length(tmp_path, ca
     assert s["cost"]["reference_passes"] == 2 and caplog.text.count("sweep: prepare + reference for data.max_length=") == 2
     assert caplog.text.count("reference: scoring tiny") == 0  # file name is pairs.jsonl
     assert s["best"]["overrides"]["train.lr"] == 3e-3
+
+
+def test_space_parsing_and_stage_keys():
+    """The CLI's --grid/--sample forms, their errors as one line naming the key, and which keys get their own reference pass."""
+    from dpo_ray.config import ConfigError, SweepConfig
+    from pipeline.sweep import group_key, parse_grid, parse_sample, param_space, stage_values, with_overrides
+
+    assert parse_grid("train.beta=[0.05, 0.1]") == ("train.beta", [0.05, 0.1])
+    assert parse_grid("train.loss_type=[sigmoid,ipo]") == ("train.loss_type", ["sigmoid", "ipo"])
+    assert parse_sample("train.lr=loguniform(1e-5,1e-3)") == ("train.lr", "loguniform(1e-5,1e-3)")
+    for bad, words in [("train.beta=0.1", "--grid"), ("train.lr=lognormal(1,2)", "not one of"), ("train.lr=loguniform(0,1)", "low > 0"),
+                       ("train.lr=uniform(2,1)", "low < high")]:
+        with pytest.raises(ConfigError, match=words):
+            (parse_grid if bad == "train.beta=0.1" else parse_sample)(bad)
+    s = SweepConfig(grid={"train.beta": [0.1, 0.3], "data.max_length": [64, 96]}, sample={"train.lr": "loguniform(1e-5,1e-3)",
+                                                                                            "model.reference": "choice([a, b])"})
+    space = param_space(s)
+    assert space["train.beta"] == {"grid_search": [0.1, 0.3]} and space["train.lr"].lower == 1e-5
+    # data.max_length and model.reference change the prepared data / the reference: 2 x 2 passes; beta and lr do not
+    assert len(stage_values(s)) == 4 and {tuple(sorted(v)) for v in stage_values(s)} == {("data.max_length", "model.reference")}
+    with pytest.raises(ConfigError, match="grid or choice"):
+        stage_values(SweepConfig(sample={"data.max_length": "randint(64,128)"}))
+    base = with_overrides({}, {})
+    assert group_key(with_overrides(base.model_dump(), {"train.beta": 0.3})) == group_key(base)
+    assert group_key(with_overrides(base.model_dump(), {"data.max_length": 64})) != group_key(base)
+    with pytest.raises(ConfigError, match="train.beta"):
+        with_overrides(base.model_dump(), {"train.beta": -1})
