@@ -260,7 +260,9 @@ def _sweep(cfg: Config, out_dir: Path, address: str | None) -> dict:
                "groups": groups, "parent_run_id": parent.run_id, "scheduler": s.scheduler != "none"}
         results = run_tuner(cfg, space, ctx, out_dir, use_gpu)
         trials = trial_rows(results, s)
-        interrupted = [t for t in trials if t["status"] in ("PENDING", "RUNNING", "PAUSED")]
+        # Tune returns normally after Ctrl+C; trials not yet created (Tune creates them as it goes) are missing
+        missing = expected_trials(s) - len(trials)
+        interrupted = [t for t in trials if t["status"] in ("PENDING", "RUNNING", "PAUSED")] + [{}] * max(0, missing)
         wall = time.time() - t0
         summary = {"output_dir": str(out_dir), "tracking_uri": inp.uri, "mlflow_parent_run_id": parent.run_id, "metric": s.metric,
                    "mode": s.mode, "space": {**{k: v for k, v in s.grid.items()}, **s.sample}, "trials": trials,
@@ -289,6 +291,14 @@ def _sweep(cfg: Config, out_dir: Path, address: str | None) -> dict:
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def expected_trials(s) -> int:
+    """Grid points x samples: what Tune's BasicVariantGenerator creates."""
+    n = s.samples
+    for values in s.grid.values():
+        n *= len(values)
+    return n
 
 
 def sweep_state(out_dir: Path, cfg: Config) -> dict:
