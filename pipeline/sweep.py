@@ -271,6 +271,7 @@ def _sweep(cfg: Config, out_dir: Path, address: str | None) -> dict:
             log.warning("sweep: interrupted with %d trial(s) unfinished; run the same command again to continue", len(interrupted))
             summary["interrupted"] = True
             return summary
+        close_stopped_runs(parent, trials)
         # [3] the best trial: exported, registered, the other trials' models dropped
         best = pick_best(trials, s)
         summary["best"] = export_best(cfg, inp, groups, best, out_dir, parent, use_gpu) if best else None
@@ -430,6 +431,21 @@ def trial_rows(results, s) -> list[dict]:
             row["status"] = status
         rows.append(row)
     return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def close_stopped_runs(parent, trials: list[dict]) -> None:
+    """A trial stopped by the scheduler never ended its MLflow run: KILLED, tagged, and its id put in the row."""
+    stopped = {t["trial_id"]: t for t in trials if t["status"] == "STOPPED"}
+    if not stopped:
+        return
+    client = parent.client
+    exp_id = client.get_run(parent.run_id).info.experiment_id
+    for run in client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'"):
+        t = stopped.get(run.data.tags.get("dpo_ray.trial_id"))
+        if t is not None:
+            t["mlflow_run_id"] = run.info.run_id
+            client.set_tag(run.info.run_id, "dpo_ray.stopped_early", f"at step {t['step']}")
+            client.set_terminated(run.info.run_id, "KILLED")
 
 
 def first_line(err: BaseException) -> str:
