@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -404,6 +405,9 @@ def run_tuner(cfg: Config, space: dict, ctx: dict, out_dir: Path, use_gpu: bool)
     scheduler = (ASHAScheduler(time_attr="step", metric=s.scheduler_metric, mode=s.scheduler_mode, max_t=total + 1,
                                grace_period=s.eval_every, reduction_factor=s.reduction_factor, stop_last_trials=False)
                  if s.scheduler == "asha" else None)
+    # the final report (eval metrics) leaves out the scheduler's train metric on purpose (see `trial`): Tune's strict check
+    # would refuse it
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     n = concurrency(cfg, use_gpu)
     log.info("sweep: %d trial(s) at a time%s", n, f", ASHA on {s.scheduler_metric} every {s.eval_every} steps" if scheduler else "")
     tuner = tune.Tuner(trainable, param_space=space,
