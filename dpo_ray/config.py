@@ -231,6 +231,28 @@ class RegistryConfig(_Strict):
     min_improvement: float = Field(0.0, description="the challenger takes the champion alias only if better by at least this")
 
 
+class SweepConfig(_Strict):
+    """`dpo-ray sweep`: a Ray Tune search over config keys; prepare and reference run once per distinct data/reference
+    setting, the trials share them. --grid / --sample on the command line add to grid / sample."""
+
+    grid: dict[str, list] = Field(default_factory=dict, description="dotted key -> values, every combination is a trial "
+                                  "(times samples), e.g. {train.beta: [0.05, 0.1]}")
+    sample: dict[str, str] = Field(default_factory=dict, description="dotted key -> a distribution drawn once per trial: "
+                                   "uniform(a,b), loguniform(a,b), randint(a,b) or choice([a,b,...])")
+    samples: int = Field(1, ge=1, description="trials drawn from `sample` (Tune's num_samples; with a grid, each grid point this often)")
+    metric: str = Field("eval/rewards/accuracies", description="the eval metric that picks the best trial, e.g. eval/rewards/margins")
+    mode: Literal["max", "min"] = Field("max", description="whether the best trial has the largest or smallest metric")
+    scheduler: Literal["none", "asha"] = Field("none", description="asha: Tune's ASHA stops weak trials early, judged on "
+                                               "scheduler_metric every eval_every steps")
+    scheduler_metric: str = Field("train/rewards/accuracies", description="what ASHA compares (the mean over the steps since "
+                                  "the last report): train/rewards/accuracies or train/loss")
+    scheduler_mode: Literal["max", "min"] = Field("max", description="max for accuracies, min for train/loss")
+    eval_every: int = Field(10, ge=1, description="with a scheduler: optimizer steps between reports to it (each is a checkpoint)")
+    reduction_factor: int = Field(2, ge=2, description="ASHA: keep the best 1/reduction_factor of the trials at each rung")
+    max_concurrent: int | None = Field(None, ge=1, description="trials at once; None: as many as the cluster's CPUs/GPUs hold")
+    keep_models: bool = Field(False, description="keep every trial's exported model and checkpoints; false: only the best's")
+
+
 class Config(_Strict):
     name: str = Field("dpo", description="the experiment's name, saved with the config and in the MLflow params")
     output_dir: str = Field("runs/dpo", description=(
@@ -245,6 +267,7 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="the loss, the optimizer, the workers")
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig, description="where runs are tracked")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="the MLflow Model Registry gate")
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="`dpo-ray sweep` only: the search space and its settings")
 
     @model_validator(mode="after")
     def _output_dir_is_a_path(self) -> "Config":

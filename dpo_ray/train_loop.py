@@ -203,7 +203,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # [3] the loop
     policy.train()
-    nonfinite, t_start, step_times, last = 0, time.time(), [], {}
+    nonfinite, t_start, step_times, last, window = 0, time.time(), [], {}, []
     for step in range(start_step, total_steps):
         t0 = time.time()
         table = next(batches)  # this rank's bs x accum pairs of the step, read ahead
@@ -263,6 +263,7 @@ def train_loop_per_worker(config: dict) -> None:
         loss_first = m["loss"] if loss_first is None else loss_first
         tracker.log_metrics({f"train/{k}": v for k, v in m.items()}, step=step + 1)
         last = m
+        window.append((m["loss"], m["rewards/accuracies"]))  # since the last report: what a sweep's scheduler compares
         if rank == 0 and ((step + 1) % t.log_every == 0 or step + 1 == total_steps):
             recent = step_times[-t.log_every:]
             eta = (total_steps - step - 1) * sum(recent) / len(recent)
@@ -276,7 +277,9 @@ def train_loop_per_worker(config: dict) -> None:
             save = lambda d, st: checkpoint.save(d, policy, model, optimizer, st, rank, fsdp, lora, final=step + 1 == total_steps)  # noqa: E731
             report(save, {"step": step + 1, "loss_first": loss_first, "loss_last": m["loss"], "tokens_per_second": m["tokens_per_second"],
                           "total_steps": total_steps, "host_memory_peak_mb": m["host_memory_peak_mb"],
-                          "gpu_peak_memory_mb": m.get("gpu_peak_memory_mb")})
+                          "gpu_peak_memory_mb": m.get("gpu_peak_memory_mb"), "train/loss": sum(w[0] for w in window) / len(window),
+                          "train/rewards/accuracies": sum(w[1] for w in window) / len(window)})
+            window = []
     if start_step >= total_steps:  # resumed after the last step: report once so the run has a result
         save = lambda d, st: checkpoint.save(d, policy, model, optimizer, st, rank, fsdp, lora, final=True)  # noqa: E731
         report(save, {"step": total_steps, "loss_first": loss_first, "loss_last": last.get("loss"), "total_steps": total_steps})

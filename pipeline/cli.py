@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate": "evaluate <output_dir>/model on the eval split against the reference",
         "retrain": "for schedulers: run on the current data, starting from the config's model (e.g. models:/NAME@champion), "
                    "register; does nothing when neither data nor model changed; refuses to overlap another run",
+        "sweep": "Ray Tune search over config keys; prepare and reference once, shared by the trials; best trial -> <output_dir>/best",
     }
     for name, text in helps.items():
         s = sub.add_parser(name, help=text, description=text)
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
         s.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray runtime)")
         s.add_argument("--json", action="store_true", help="print the whole summary as JSON on stdout (for scripts)")
+        if name == "sweep":  # adds to the config's sweep: section
+            s.add_argument("--grid", action="append", default=[], metavar="KEY=[A,B]", help="every value is tried, e.g. train.beta=[0.05,0.1]")
+            s.add_argument("--sample", action="append", default=[], metavar="KEY=DIST", help="drawn per trial, e.g. 'train.lr=loguniform(1e-5,1e-3)'")
+            s.add_argument("--samples", type=int, default=None, help="trials drawn from the --sample distributions (sweep.samples)")
+            s.add_argument("--scheduler", choices=["none", "asha"], default=None, help="asha: stop weak trials early (sweep.scheduler)")
     d = sub.add_parser("doctor", help="check what a run needs (Python, torch, Ray, directories, MLflow, GPU memory): a line each")
     d.add_argument("config", nargs="?", default=None, help="YAML experiment file (default: the built-in defaults)")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
@@ -65,7 +71,15 @@ def main(argv: list[str] | None = None) -> int:
 
         check_output_dir(Path(cfg.output_dir).resolve())
         console.setup(Path(cfg.output_dir).resolve(), args.command)
-        summary = run(cfg, COMMANDS[args.command], address=args.address, retrain=args.command == "retrain")
+        if args.command == "sweep":
+            from .sweep import sweep_from_args
+
+            summary = sweep_from_args(cfg, args)
+            if summary.get("interrupted"):
+                print("dpo-ray: interrupted; run the same command again to continue the sweep", file=sys.stderr)
+                return 130
+        else:
+            summary = run(cfg, COMMANDS[args.command], address=args.address, retrain=args.command == "retrain")
     except _user_errors() as e:
         print(f"dpo-ray: error: {e}", file=sys.stderr)
         return 2

@@ -173,6 +173,8 @@ def stage(name: str, counts=None):
 
 def summary_lines(summary: dict) -> list[str]:
     """The run's last words: accuracy (and win rate when judged), where the model and the MLflow run are, how to look."""
+    if "trials" in summary:  # dpo-ray sweep
+        return sweep_lines(summary)
     lines = []
     if summary.get("skipped"):
         lines.append("nothing to do: no new data and the same starting model as the last retrain")
@@ -198,12 +200,33 @@ def summary_lines(summary: dict) -> list[str]:
         lines.append(f"model: {summary['model_dir']}")
     if summary.get("output_dir"):
         lines.append(f"summary: {Path(summary['output_dir']) / 'summary.json'}")
-    uri = summary.get("tracking_uri")
-    if summary.get("mlflow_run_id") and uri:
-        lines.append(f"MLflow run {summary['mlflow_run_id']} at {uri}")
-        ui = "--host 127.0.0.1" if uri.startswith("http") else f"--backend-store-uri {uri} --host 127.0.0.1"
-        lines.append("open it: " + (f"{uri}" if uri.startswith("http") else f"mlflow ui {ui}"))
-    return lines
+    return lines + mlflow_lines(summary.get("mlflow_run_id"), summary.get("tracking_uri"))
+
+
+def sweep_lines(summary: dict) -> list[str]:
+    """A sweep's last words: its trials by status, the best one and where it went, the parent MLflow run."""
+    counts: dict = {}
+    for t in summary["trials"]:
+        counts[t["status"]] = counts.get(t["status"], 0) + 1
+    lines = [f"sweep: {len(summary['trials'])} trial(s): " + ", ".join(f"{n} {st.lower()}" for st, n in sorted(counts.items()))]
+    if summary.get("interrupted"):
+        lines.append("interrupted: run the same command again to continue")
+    best = summary.get("best")
+    if best:
+        lines.append(f"best: trial {best['trial_id']} {best['overrides']}: {summary['metric']} {best[summary['metric']]:.4f}")
+        lines.append(f"model: {best['model_dir']}")
+        if best.get("registry"):
+            lines.append(f"registry: {best['registry'].get('decision')}")
+    if summary.get("output_dir"):
+        lines.append(f"summary: {Path(summary['output_dir']) / 'sweep_summary.json'}")
+    return lines + mlflow_lines(summary.get("mlflow_parent_run_id"), summary.get("tracking_uri"))
+
+
+def mlflow_lines(run_id: str | None, uri: str | None) -> list[str]:
+    if not (run_id and uri):
+        return []
+    ui = "--host 127.0.0.1" if uri.startswith("http") else f"--backend-store-uri {uri} --host 127.0.0.1"
+    return [f"MLflow run {run_id} at {uri}", "open it: " + (f"{uri}" if uri.startswith("http") else f"mlflow ui {ui}")]
 
 
 def print_summary(summary: dict, file=None) -> None:

@@ -96,14 +96,15 @@ def pair_table(df, reward_margins, prefers_chosen, tokenizer_path: str, trust_re
 
 
 @console.stage("evaluate", lambda r: f"reward accuracy {r[0]['eval/rewards/accuracies']:.3f} (reference {r[0]['eval/reference/rewards/accuracies']:.3f})")
-def run(cfg, ref: Reference, model_dir: Path, reference_path: str, tokenizer_path: str, use_gpu: bool):
+def run(cfg, ref: Reference, model_dir: Path, reference_path: str, tokenizer_path: str, use_gpu: bool, baseline: dict | None = None):
     """Returns (eval/... metrics for the trained model and eval/reference/... for the reference itself, the per-pair
-    table of the trained model); ({}, None) without an eval split."""
+    table of the trained model); ({}, None) without an eval split. `baseline`: the reference's metrics when already
+    known (a sweep scores them once for all its trials)."""
     if not any(has_split(p, "eval") for p in ref.parts):
         log.warning("evaluate: no eval split (set data.eval or data.eval_fraction > 0); skipped")
         return {}, None
     trained, table = evaluate_model(cfg, ref, str(model_dir), tokenizer_path, use_gpu, pairs=True)
-    baseline = evaluate_model(cfg, ref, reference_path, tokenizer_path, use_gpu)
+    baseline = baseline or evaluate_model(cfg, ref, reference_path, tokenizer_path, use_gpu)
     log.info("evaluate: %d pairs | trained: accuracy %.3f margin %.3f | reference: accuracy %.3f margin %.4f",
              trained["pairs"], trained["rewards/accuracies"], trained["rewards/margins"], baseline["rewards/accuracies"], baseline["rewards/margins"])
     return {**{f"eval/{k}": v for k, v in trained.items()}, **{f"eval/reference/{k}": v for k, v in baseline.items()}}, table

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from dpo_ray import memory
@@ -273,6 +274,127 @@ def resolve(name: str, uri: str, cache: Path) -> str:
     return resolve_model(name, cache)
 
 
+@dataclass
+class Inputs:
+    """What the pre-flight checks resolved: the output dir, the tracking URI, the local model directories."""
+
+    out_dir: Path
+    uri: str
+    cache: Path  # local model root (cache_dir, or output_dir when cache_dir is a URI)
+    policy_path: str
+    reference_path: str
+    tokenizer_path: str
+    tokenizer: object
+
+
+def preflight(cfg: Config, stages: tuple[str, ...]) -> Inputs:
+    """The checks that cost nothing, before any Ray or model work: data files readable (data.columns found), MLflow
+    reachable, cache_dir writable; then the models resolved to local directories and the tokenizer loaded."""
+    prepare.check_files(cfg, resolve_data_files(cfg.data.train + (cfg.data.eval or [])))
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    if "train" in stages or "evaluate" in stages or cfg.model.policy.startswith("models:/"):
+        check_reachable(uri)
+    check_cache_dir(cfg.cache_dir)
+    cache = model_root(cfg.cache_dir, cfg.output_dir)  # models stay local: cache_dir, or output_dir when it is a URI
+    policy_path = resolve(cfg.model.policy, uri, cache)
+    reference_path = resolve(cfg.model.reference, uri, cache) if cfg.model.reference else policy_path
+    tokenizer_path = resolve(cfg.model.tokenizer, uri, cache) if cfg.model.tokenizer else policy_path
+    tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.hf_token)
+    return Inputs(Path(cfg.output_dir).resolve(), uri, cache, policy_path, reference_path, tokenizer_path, tokenizer)
+
+
+def data_summary(prepared, out_dir: Path) -> dict:
+    return {**{k: prepared.stats[k] for k in ("rows_read", "rows_used", "rows_rejected", "duplicates", "blank_lines",
+                                               "train_rows", "eval_rows", "truncated", "rejects_by_reason", "layouts", "per_file")},
+            "rejects_file": str(out_dir / "rejects.jsonl"), "key": prepared.key, "hit": prepared.hit,
+            "files": [{"file": str(p.file), "prepared": str(p.path), "hit": p.hit} for p in prepared.parts]}
+
+
+def open_run(cfg: Config, inp: Inputs, prepared, ref, stages: tuple[str, ...], name: str | None = None, tags: dict | None = None):
+    """Creates the MLflow run of one training (a child of a sweep's run when tags carry mlflow.parentRunId) and logs what
+    it starts from: dataset inputs, the config as params and config.yaml, the data stats and rejects. Returns its RunLogger."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    from dpo_ray.tracking import RunLogger
+
+    safe_cfg = masked(cfg.model_dump())  # what is logged and saved: secrets masked
+    exp_id = ensure_experiment(inp.uri, cfg.mlflow.experiment)
+    tags = {"dataset_fingerprint": prepared.key, "reference_cache_key": ref.key, "dpo_ray.stages": ",".join(stages),
+            "mlflow.source.name": "dpo-ray", **({"git_commit": c} if (c := git_commit()) else {}), **(tags or {})}
+    run_id = MlflowClient(inp.uri).create_run(exp_id, run_name=name or run_name(cfg, prepared.key), tags=tags).info.run_id
+    tracker = RunLogger(inp.uri, run_id)
+    tracker.call("dataset inputs", tracker.client.log_inputs, datasets=dataset_inputs(prepared))
+    tracker.call("params", tracker.client.log_batch, params=[Param(k, str(v)[:6000]) for k, v in flatten(safe_cfg).items()])
+    tracker.call("config.yaml", tracker.client.log_text, to_yaml(Config.model_validate(safe_cfg)), "config.yaml")
+    tracker.call("data_stats.json", tracker.client.log_dict, prepared.stats, "data_stats.json")
+    rejects = inp.out_dir / "rejects.jsonl"
+    if rejects.exists():
+        tracker.call("rejects.jsonl", tracker.client.log_artifact, str(rejects))
+    tracker.log_metrics({f"data/{k}": prepared.stats[k] for k in ("rows_read", "rows_used", "rows_rejected", "duplicates", "truncated")}, step=0)
+    return tracker
+
+
+def train_and_export(cfg: Config, inp: Inputs, ref, use_gpu: bool, cpus_per_worker: float, tracker, name: str | None = None,
+                     callbacks: list | None = None) -> tuple[Path, dict]:
+    """Stage 3 and the export to <output_dir>/model (and adapter): (the directory to evaluate, the train summary)."""
+    result = train.run(cfg, ref, inp.policy_path, inp.tokenizer.pad_token_id, use_gpu, cpus_per_worker, inp.uri, tracker.run_id,
+                       name=name, callbacks=callbacks)
+    model_dir = export_model(result.checkpoint, inp.tokenizer, inp.out_dir, cfg, inp.policy_path)
+    m = result.metrics or {}
+    return model_dir, {"steps": m.get("step"), "loss_first": m.get("loss_first"), "loss_last": m.get("loss_last"),
+                       "tokens_per_second": m.get("tokens_per_second"), "checkpoint": result.checkpoint.path,
+                       # the largest worker's peaks (MB): host RSS, and allocated GPU memory on GPUs
+                       "host_memory_peak_mb": m.get("host_memory_peak_mb"), "gpu_peak_memory_mb": m.get("gpu_peak_memory_mb")}
+
+
+def evaluate_and_log(cfg: Config, inp: Inputs, ref, model_dir: Path, use_gpu: bool, tracker, step: int,
+                     baseline: dict | None = None) -> tuple[dict, dict]:
+    """Stage 4 and its logging (metrics at `step`, the eval_pairs table): (eval/... metrics, their summary entries)."""
+    if not model_dir.exists():
+        raise SetupError(f"evaluate: no trained model at {model_dir}; run `dpo-ray train` first")
+    ev, pairs = evaluate.run(cfg, ref, model_dir, inp.reference_path, inp.tokenizer_path, use_gpu, baseline)
+    if pairs is not None:
+        tracker.call("eval_pairs.json", tracker.client.log_table, data=pairs, artifact_file="eval_pairs.json")
+    tracker.log_metrics(ev, step=step)
+    return ev, {"eval": {k[len("eval/"):]: v for k, v in ev.items() if not k.startswith("eval/reference/")},
+                "eval_reference": {k[len("eval/reference/"):]: v for k, v in ev.items() if k.startswith("eval/reference/")}}
+
+
+def log_model(cfg: Config, tracker, model_dir: Path, out_dir: Path) -> bool:
+    """The exported model (and with a merged LoRA the adapter) as run artifacts; False when MLflow lost them."""
+    tracker.call("model artifacts", tracker.client.log_artifacts, str(model_dir), "model")
+    if cfg.train.lora and cfg.train.lora.merge and (out_dir / "adapter").exists():
+        tracker.call("adapter artifacts", tracker.client.log_artifacts, str(out_dir / "adapter"), "adapter")
+    return not tracker.down
+
+
+def register_model(cfg: Config, inp: Inputs, ref, tracker, ev: dict, use_gpu: bool, logged: bool) -> dict:
+    """Stage 5: the champion/challenger gate for the run's logged model."""
+    if not logged:
+        return {"decision": "not_registered", "reason": "the model artifact could not be logged"}
+    score = lambda d: evaluate.evaluate_model(cfg, ref, d, inp.tokenizer_path, use_gpu)  # noqa: E731
+    return register.run(cfg, tracker, inp.uri, ev, score)
+
+
+def finish_run(cfg: Config, tracker, summary: dict, out_dir: Path, monitor=None) -> None:
+    """summary.json and config.yaml written to out_dir and logged; the run marked FINISHED."""
+    tracker.flush()
+    summary["mlflow_values_lost"] = tracker.lost
+    if monitor is not None:
+        monitor.finish()
+    write_json_atomic(out_dir / "summary.json", summary)
+    (out_dir / "config.yaml").write_text(to_yaml(Config.model_validate(masked(cfg.model_dump()))))
+    tracker.call("summary.json", tracker.client.log_artifact, str(out_dir / "summary.json"))
+    tracker.call("run status", tracker.client.set_terminated, "FINISHED")
+
+
+def fail_run(tracker) -> None:
+    if tracker is not None:
+        tracker.retries = 1
+        tracker.call("run status", tracker.client.set_terminated, "FAILED")
+
+
 def run(cfg: Config, stages: tuple[str, ...] = STAGES, address: str | None = None, retrain: bool = False) -> dict:
     """Runs `stages` in order; returns the summary (also written to <output_dir>/summary.json).
 
@@ -286,114 +408,60 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, address: str | None = Non
 
 def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: bool) -> dict:
     import ray
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
 
-    from dpo_ray.tracking import RunLogger
-
-    # checks that cost nothing, before any Ray or model work
     t_start = time.time()
-    out_dir = Path(cfg.output_dir).resolve()
-    prepare.check_files(cfg, resolve_data_files(cfg.data.train + (cfg.data.eval or [])))  # readable, and data.columns found
-    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    if "train" in stages or "evaluate" in stages or cfg.model.policy.startswith("models:/"):
-        check_reachable(uri)
-    check_cache_dir(cfg.cache_dir)
-    cache = model_root(cfg.cache_dir, cfg.output_dir)  # models stay local: cache_dir, or output_dir when it is a URI
-    policy_path = resolve(cfg.model.policy, uri, cache)
-    reference_path = resolve(cfg.model.reference, uri, cache) if cfg.model.reference else policy_path
-    tokenizer_path = resolve(cfg.model.tokenizer, uri, cache) if cfg.model.tokenizer else policy_path
-    tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.hf_token)
+    inp = preflight(cfg, stages)
+    out_dir, uri = inp.out_dir, inp.uri
     started_ray = start_ray(address)
     tracker = monitor = None
     try:
         use_gpu, cpus_per_worker = plan_resources(cfg)
-        plan = check_memory(cfg, policy_path, use_gpu) if "train" in stages else None
-        prepared = prepare.run(cfg, tokenizer_path, rejects_copy=out_dir / "rejects.jsonl")
-        summary = {"output_dir": str(out_dir), "tracking_uri": uri, "reference_model_dir": reference_path,
-                   "data": {**{k: prepared.stats[k] for k in ("rows_read", "rows_used", "rows_rejected", "duplicates", "blank_lines",
-                                                              "train_rows", "eval_rows", "truncated", "rejects_by_reason", "layouts", "per_file")},
-                            "rejects_file": str(out_dir / "rejects.jsonl"), "key": prepared.key, "hit": prepared.hit,
-                            "files": [{"file": str(p.file), "prepared": str(p.path), "hit": p.hit} for p in prepared.parts]},
-                   **({"memory_plan_gb": plan} if plan else {})}
+        plan = check_memory(cfg, inp.policy_path, use_gpu) if "train" in stages else None
+        prepared = prepare.run(cfg, inp.tokenizer_path, rejects_copy=out_dir / "rejects.jsonl")
+        summary = {"output_dir": str(out_dir), "tracking_uri": uri, "reference_model_dir": inp.reference_path,
+                   "data": data_summary(prepared, out_dir), **({"memory_plan_gb": plan} if plan else {})}
         # retrain is a no-op when the data and config are as last time and the starting model is the one it
         # started from or the champion it produced (else a promotion would trigger endless retraining)
-        safe_cfg = masked(cfg.model_dump())  # what is logged and saved: secrets masked
-        retrain_key = {"data": prepared.key, "config": json.dumps(safe_cfg, sort_keys=True)}
+        retrain_key = {"data": prepared.key, "config": json.dumps(masked(cfg.model_dump()), sort_keys=True)}
         last_file = out_dir / "last_retrain.json"
         last = json.loads(last_file.read_text()) if retrain and last_file.exists() else {}
-        if last.get("key") == retrain_key and policy_path in last.get("policies", []):
+        if last.get("key") == retrain_key and inp.policy_path in last.get("policies", []):
             log.info("retrain: no new data and the same starting model as the last retrain; nothing to do")
             return {**last["summary"], "skipped": True}
         if "reference" not in stages:
             return summary
-        ref = reference.run(cfg, prepared, reference_path, tokenizer_path, use_gpu)
+        ref = reference.run(cfg, prepared, inp.reference_path, inp.tokenizer_path, use_gpu)
         summary["reference_cache"] = ref.summary()
         if stages[-1] == "reference":
             return summary
 
-        exp_id = ensure_experiment(uri, cfg.mlflow.experiment)
-        tags = {"dataset_fingerprint": prepared.key, "reference_cache_key": ref.key, "dpo_ray.stages": ",".join(stages),
-                "mlflow.source.name": "dpo-ray", **({"git_commit": c} if (c := git_commit()) else {})}
-        run_id = MlflowClient(uri).create_run(exp_id, run_name=run_name(cfg, prepared.key), tags=tags).info.run_id
-        tracker = RunLogger(uri, run_id)
-        monitor = system_metrics(uri, run_id, "driver", enabled=cfg.mlflow.system_metrics)
-        summary["mlflow_run_id"] = run_id
-        tracker.call("dataset inputs", tracker.client.log_inputs, datasets=dataset_inputs(prepared))
-        tracker.call("params", tracker.client.log_batch, params=[Param(k, str(v)[:6000]) for k, v in flatten(safe_cfg).items()])
-        tracker.call("config.yaml", tracker.client.log_text, to_yaml(Config.model_validate(safe_cfg)), "config.yaml")
-        tracker.call("data_stats.json", tracker.client.log_dict, prepared.stats, "data_stats.json")
-        tracker.call("rejects.jsonl", tracker.client.log_artifact, str(out_dir / "rejects.jsonl"))
-        tracker.log_metrics({f"data/{k}": prepared.stats[k] for k in ("rows_read", "rows_used", "rows_rejected", "duplicates", "truncated")}, step=0)
-
+        tracker = open_run(cfg, inp, prepared, ref, stages)
+        monitor = system_metrics(uri, tracker.run_id, "driver", enabled=cfg.mlflow.system_metrics)
+        summary["mlflow_run_id"] = tracker.run_id
         model_dir = out_dir / ("adapter" if cfg.train.lora and not cfg.train.lora.merge else "model")
         if "train" in stages:
-            result = train.run(cfg, ref, policy_path, tokenizer.pad_token_id, use_gpu, cpus_per_worker, uri, run_id)
-            model_dir = export_model(result.checkpoint, tokenizer, out_dir, cfg, policy_path)
-            m = result.metrics or {}
-            summary["train"] = {"steps": m.get("step"), "loss_first": m.get("loss_first"), "loss_last": m.get("loss_last"),
-                                "tokens_per_second": m.get("tokens_per_second"), "checkpoint": result.checkpoint.path,
-                                # the largest worker's peaks (MB): host RSS, and allocated GPU memory on GPUs
-                                "host_memory_peak_mb": m.get("host_memory_peak_mb"), "gpu_peak_memory_mb": m.get("gpu_peak_memory_mb")}
+            model_dir, summary["train"] = train_and_export(cfg, inp, ref, use_gpu, cpus_per_worker, tracker)
         summary["model_dir"] = str(model_dir)
         if "evaluate" in stages:
-            if not model_dir.exists():
-                raise SetupError(f"evaluate: no trained model at {model_dir}; run `dpo-ray train` first")
-            ev, pairs = evaluate.run(cfg, ref, model_dir, reference_path, tokenizer_path, use_gpu)
-            if pairs is not None:
-                tracker.call("eval_pairs.json", tracker.client.log_table, data=pairs, artifact_file="eval_pairs.json")
-            tracker.log_metrics(ev, step=summary.get("train", {}).get("steps") or 0)
-            summary["eval"] = {k[len("eval/"):]: v for k, v in ev.items() if not k.startswith("eval/reference/")}
-            summary["eval_reference"] = {k[len("eval/reference/"):]: v for k, v in ev.items() if k.startswith("eval/reference/")}
-            tracker.call("model artifacts", tracker.client.log_artifacts, str(model_dir), "model")
-            if cfg.train.lora and cfg.train.lora.merge and (out_dir / "adapter").exists():
-                tracker.call("adapter artifacts", tracker.client.log_artifacts, str(out_dir / "adapter"), "adapter")
-            logged = not tracker.down
+            ev, evs = evaluate_and_log(cfg, inp, ref, model_dir, use_gpu, tracker, step=summary.get("train", {}).get("steps") or 0)
+            summary.update(evs)
+            logged = log_model(cfg, tracker, model_dir, out_dir)
             if "register" in stages and cfg.registry.name:
-                score = lambda d: evaluate.evaluate_model(cfg, ref, d, tokenizer_path, use_gpu)
-                summary["registry"] = (register.run(cfg, tracker, uri, ev, score) if logged
-                                       else {"decision": "not_registered", "reason": "the model artifact could not be logged"})
+                summary["registry"] = register_model(cfg, inp, ref, tracker, ev, use_gpu, logged)
         if "train" in stages:
             plot_curves(tracker, out_dir / "curves.png")
         summary["wall_seconds"] = round(time.time() - t_start, 1)
-        tracker.flush()
-        summary["mlflow_values_lost"] = tracker.lost
-        monitor.finish()
-        write_json_atomic(out_dir / "summary.json", summary)
-        (out_dir / "config.yaml").write_text(to_yaml(Config.model_validate(safe_cfg)))
-        tracker.call("summary.json", tracker.client.log_artifact, str(out_dir / "summary.json"))
-        tracker.call("run status", tracker.client.set_terminated, "FINISHED")
+        finish_run(cfg, tracker, summary, out_dir, monitor)
         if retrain:
-            policies = [policy_path]
+            policies = [inp.policy_path]
             if summary.get("registry", {}).get("decision") == "promoted":
-                policies.append(str(register.registry_dir(cache, cfg.registry.name, summary["registry"]["challenger_version"])))
+                policies.append(str(register.registry_dir(inp.cache, cfg.registry.name, summary["registry"]["challenger_version"])))
             write_json_atomic(last_file, {"key": retrain_key, "policies": policies, "summary": summary})
-        log.info("done in %.0f s: model %s | summary %s | MLflow run %s at %s", summary["wall_seconds"], model_dir, out_dir / "summary.json", run_id, uri)
+        log.info("done in %.0f s: model %s | summary %s | MLflow run %s at %s", summary["wall_seconds"], model_dir, out_dir / "summary.json",
+                 tracker.run_id, uri)
         return summary
     except BaseException:
-        if tracker is not None:
-            tracker.retries = 1
-            tracker.call("run status", tracker.client.set_terminated, "FAILED")
+        fail_run(tracker)
         raise
     finally:
         if monitor is not None:

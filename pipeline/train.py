@@ -20,16 +20,18 @@ WORKER_LAYOUT = {"max_failures", "log_every", "num_workers", "batch_size_per_wor
 
 
 @console.stage("train", lambda r: f"{r.metrics['step']} steps, loss {r.metrics['loss_first']:.4f} -> {r.metrics['loss_last']:.4f}")
-def run(cfg, ref, policy_path: str, pad_id: int, use_gpu: bool, cpus_per_worker: float, tracking_uri: str | None, run_id: str | None):
+def run(cfg, ref, policy_path: str, pad_id: int, use_gpu: bool, cpus_per_worker: float, tracking_uri: str | None, run_id: str | None,
+        name: str | None = None, callbacks: list | None = None):
     """Returns the ray.train.Result. The Ray run name is a fingerprint of the inputs and the train config, so rerunning
     the same thing resumes its last checkpoint instead of starting over, also with another number of workers: the
-    name keeps the pairs per step, not how they are split over workers."""
+    name keeps the pairs per step, not how they are split over workers. A sweep's trial passes its own name (its trial
+    id) and Ray Tune's TuneReportCallback."""
     t = cfg.train
     if t.resume_from and "://" not in t.resume_from:  # checked here, before any worker starts (object stores: by the workers)
         problem = checkpoint.mismatch(Path(t.resume_from), t.strategy, t.lora is not None)
         if problem:
             raise TrainingError(f"train.resume_from: {problem}")
-    name = "dpo-" + fingerprint(ref.key, policy_path, t.model_dump(exclude=WORKER_LAYOUT), t.batch_size_per_worker * t.num_workers * t.grad_accum_steps, cfg.seed)
+    name = name or "dpo-" + fingerprint(ref.key, policy_path, t.model_dump(exclude=WORKER_LAYOUT), t.batch_size_per_worker * t.num_workers * t.grad_accum_steps, cfg.seed)
     storage = cfg.train.storage_path or str(Path(cfg.output_dir).resolve() / "ray_train")
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -40,7 +42,7 @@ def run(cfg, ref, policy_path: str, pad_id: int, use_gpu: bool, cpus_per_worker:
                            "train_files": split_files(ref.parts, "train"), "drop_ids": list(ref.drop_ids)},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
     )
     try:
         return trainer.fit()
