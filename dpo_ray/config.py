@@ -129,8 +129,8 @@ class TrainConfig(_Strict):
     lora: LoraConfig | None = None  # LoRA adapters instead of a full fine-tune; see LoraConfig
     gpu_memory_gb: float | None = Field(None, gt=0)  # the memory plan checks against this; None: the GPU's own (asked
     # from the cluster), no check on CPU-only runs
-    attention: Literal["sdpa", "flex"] = "sdpa"  # packed-pair attention, also for reference and eval scoring: sdpa (a dense
-    # mask per block of pairs) or flex (FlexAttention, one block mask per batch; compiled on CUDA, eager and slow on CPU)
+    attention: Literal["sdpa", "flex", "varlen"] = "sdpa"  # packed-pair attention, also for reference and eval scoring: sdpa (a dense
+    # mask per block of pairs), flex (FlexAttention, one block mask per batch; compiled on CUDA, eager and slow on CPU) or varlen (flash varlen_attn on CUDA, the prompt's K/V copied per reply; per-sequence SDPA on CPU)
     checkpoint_every: int = Field(100, ge=1)  # optimizer steps between Ray Train checkpoints
     log_every: int = Field(10, ge=1)
     max_failures: int = Field(0, ge=0)  # worker-group restarts from the last checkpoint

@@ -24,6 +24,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 ATTENTION = "dpo_ray_packed"  # the transformers attention implementation name registered below
 BLOCK_TOKENS = 192  # packed positions per attention call (a longer pair gets a call of its own)
@@ -146,9 +147,12 @@ def pack_pairs(batch: dict, attention: str = "sdpa") -> dict:
         off += len(c) + tail
         tokens += len(c) + len(r)
     flex = attention == "flex"
+    with record_function("dpo_ray.attention_masks"):
+        blocks = None if flex else attention_blocks(layout)
+        index = flex_index(layout) if flex else None
     return {"input_ids": torch.from_numpy(np.concatenate(ids))[None], "attention_mask": None,
             "position_ids": torch.from_numpy(np.concatenate(positions))[None], **_scores(pos, tgt, seq),
-            "attn_blocks": None if flex else attention_blocks(layout), "flex_index": flex_index(layout) if flex else None,
+            "attn_blocks": blocks, "flex_index": index,
             "n_seqs": 2 * B, "tokens": tokens, "positions": off, **_refs(batch)}
 
 

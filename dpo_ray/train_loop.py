@@ -23,6 +23,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from . import checkpoint, parallel
 from .config import Config
@@ -95,6 +96,40 @@ def host_memory_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def train_step(policy, wrapper, optimizer, table, t, pad_id: int, device, precision=nullcontext(), world: int = 1, fsdp: bool = False):
+    """One optimizer step of this worker on its pairs of the step (`table`): micro-batches (collate, forward, loss,
+    backward; gradients reduced across workers on the last), clip, AdamW. Returns (this worker's metrics, or None when
+    the loss or gradient was not finite and the update was skipped; the real tokens of the step). The phases are
+    marked for torch.profiler (dpo_ray.collate / forward / backward / optimizer / metrics): benchmarks/profile_step.py."""
+    bs = t.batch_size_per_worker
+    groups = micro_batches(table["pair_tokens"].to_pylist(), bs, t.max_tokens_per_micro_batch)
+    if fsdp and world > 1 and t.max_tokens_per_micro_batch:  # every forward all-gathers: the same count on every rank
+        groups = split_to(groups, max_over_workers(len(groups)))
+    nll_tokens = scored_tokens(table["chosen_loss_mask"].to_pylist()) if t.nll_weight > 0 else 1
+    parts, tokens = [], 0
+    for micro, idx in enumerate(groups):
+        with record_function("dpo_ray.collate"):
+            batch = wrapper.collate(as_lists(table, idx), pad_id, device)
+        tokens += batch["tokens"]  # real tokens of the chosen and rejected sequences (prompt counted in both)
+        # gradients reduced once per step: on the last micro-batch (each worker has one, however many it has)
+        with parallel.sync_gradients(policy, world, last_micro=micro == len(groups) - 1):
+            with record_function("dpo_ray.forward"):
+                loss, losses, cr, rr, pc, pr = micro_loss(policy, batch, t, table.num_rows, nll_tokens, precision)
+            with record_function("dpo_ray.backward"):
+                loss.backward()
+        parts.append((losses.detach(), cr, rr, pc.detach(), pr.detach()))
+    with record_function("dpo_ray.optimizer"):
+        grad_norm = parallel.clip_gradients(policy, t.max_grad_norm)
+        losses, cr, rr, pc, pr = (torch.cat(x) for x in zip(*parts))
+        if not (torch.isfinite(grad_norm) and torch.isfinite(losses).all()):
+            optimizer.zero_grad(set_to_none=True)  # skip the update: the weights stay as they were
+            return None, tokens
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    with record_function("dpo_ray.metrics"):
+        return {"loss": losses.mean().item(), **dpo_metrics(cr, rr, pc, pr), "grad_norm": float(grad_norm)}, tokens
+
+
 def train_loop_per_worker(config: dict) -> None:
     cfg = Config.model_validate(config["cfg"])
     t = cfg.train
@@ -151,27 +186,13 @@ def train_loop_per_worker(config: dict) -> None:
     nonfinite, t_start, step_times, last = 0, time.time(), [], {}
     for step in range(start_step, total_steps):
         t0 = time.time()
-        table = next(batches)  # this rank's bs x accum pairs of the step, read ahead
+        with record_function("dpo_ray.read"):  # waits for the prefetch thread only when it is behind
+            table = next(batches)  # this rank's bs x accum pairs of the step, read ahead
         lr = lr_at(step, total_steps, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        groups = micro_batches(table["pair_tokens"].to_pylist(), bs, t.max_tokens_per_micro_batch)
-        if fsdp and world > 1 and t.max_tokens_per_micro_batch:  # every forward all-gathers: the same count on every rank
-            groups = split_to(groups, max_over_workers(len(groups)))
-        nll_tokens = scored_tokens(table["chosen_loss_mask"].to_pylist()) if t.nll_weight > 0 else 1
-        parts, tokens = [], 0
-        for micro, idx in enumerate(groups):
-            batch = wrapper.collate(as_lists(table, idx), config["pad_id"], device)
-            tokens += batch["tokens"]  # real tokens of the chosen and rejected sequences (prompt counted in both)
-            # gradients reduced once per step: on the last micro-batch (each worker has one, however many it has)
-            with parallel.sync_gradients(policy, world, last_micro=micro == len(groups) - 1):
-                loss, losses, cr, rr, pc, pr = micro_loss(policy, batch, t, table.num_rows, nll_tokens, precision)
-                loss.backward()
-            parts.append((losses.detach(), cr, rr, pc.detach(), pr.detach()))
-        grad_norm = parallel.clip_gradients(policy, t.max_grad_norm)
-        losses, cr, rr, pc, pr = (torch.cat(x) for x in zip(*parts))
-        if not (torch.isfinite(grad_norm) and torch.isfinite(losses).all()):
-            optimizer.zero_grad(set_to_none=True)  # skip the update: the weights stay as they were
+        m, tokens = train_step(policy, wrapper, optimizer, table, t, config["pad_id"], device, precision, world, fsdp)
+        if m is None:  # non-finite loss or gradient: the update was skipped, the weights stay as they were
             nonfinite += 1
             log.warning("rank %d step %d: non-finite loss or gradient, update skipped (%d in a row)", rank, step + 1, nonfinite)
             if nonfinite >= t.max_nonfinite_steps:
@@ -179,11 +200,9 @@ def train_loop_per_worker(config: dict) -> None:
                                          f"the last good checkpoint is kept; lower train.lr or check the data")
             continue
         nonfinite = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
         # metrics: this worker's pairs, then the mean over workers (equal pair counts per worker)
-        m = {"loss": losses.mean().item(), **dpo_metrics(cr, rr, pc, pr), "grad_norm": float(grad_norm), "learning_rate": lr}
+        m["learning_rate"] = lr
         vec = torch.tensor(list(m.values()) + [tokens], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(vec)
