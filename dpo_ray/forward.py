@@ -59,7 +59,7 @@ class PolicyLogps(nn.Module):
         self.packed = packed and supports_packing(model)
         if attention not in packing.ATTENTIONS:
             raise ValueError(f"train.attention {attention!r}: choose one of {packing.ATTENTIONS}")
-        self.attention = attention  # packed kernel: "sdpa" (a dense mask per block of pairs) or "flex" (FlexAttention)
+        self.attention = attention  # packed kernel: "sdpa" (a dense mask per block of pairs), "flex" (FlexAttention), "varlen"
         if self.packed:
             model.set_attn_implementation(packing.register())  # plain SDPA for any call that is not a packed batch
 
@@ -72,6 +72,8 @@ class PolicyLogps(nn.Module):
         kwargs = {"input_ids": ids, "position_ids": batch["position_ids"], "use_cache": False}
         if batch["attn_blocks"] is not None:
             kwargs.update(attention_mask=packing.placeholder_mask(ids.device), attn_blocks=batch["attn_blocks"])
+        elif batch.get("varlen") is not None:  # index tensors built once per batch in collate, shared by every layer
+            kwargs.update(attention_mask=packing.placeholder_mask(ids.device), varlen=batch["varlen"])
         elif batch.get("flex_index") is not None:  # one block mask per batch, shared by every layer
             kwargs.update(attention_mask=packing.placeholder_mask(ids.device), flex_mask=packing.flex_block_mask(batch["flex_index"]))
         else:
