@@ -2,7 +2,7 @@
 
 The step is the Ray Train worker's own (`dpo_ray.train_loop.train_step`: collate, forward, loss, backward, clip, AdamW),
 called directly, without a Ray runtime; its rows are read as the worker reads them (`dpo_ray.rows`: a Parquet cache in
-row groups of 64, RowIndex / RowReader, the epoch's seeded permutation). The model is Qwen2.5-0.5B's shape with random
+row groups of 64, RowIndex / RowReader, the epoch's seeded permutation, a prefetch thread two steps ahead). The model is Qwen2.5-0.5B's shape with random
 weights, built from a config in memory (nothing downloaded), on the `long` data of benchmarks/common.py (sequences near
 1024 tokens), batch 8, max_length 1024, max_prompt_length 512: the benchmark's row.
 
@@ -98,7 +98,8 @@ def build(args, work: Path):
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=32768, rope_theta=1e6,
                          rms_norm_eps=1e-6, tie_word_embeddings=True)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
+    with torch.device(args.device):  # built on the device: no host copy of 0.5B parameters to move
+        model = Qwen2ForCausalLM(config)
     rows = tokenized_pairs(write_long(work / "data" / "long.jsonl"), tiny, args.max_length, args.max_prompt_length)
     n = args.batch * (args.warmup + args.steps)
     rows = (rows * (n // len(rows) + 1))[:n]
@@ -213,7 +214,7 @@ def profile(args, layers: int, work: Path, trace: Path | None) -> dict:
     from dpo_ray import parallel
     from dpo_ray.config import TrainConfig
     from dpo_ray.forward import PolicyLogps, autocast, use_bf16
-    from dpo_ray.rows import RowReader, step_positions
+    from dpo_ray.rows import RowReader, prefetched, step_positions
     from dpo_ray.train_loop import micro_batches, train_step
 
     args.layers = layers
@@ -227,6 +228,7 @@ def profile(args, layers: int, work: Path, trace: Path | None) -> dict:
     reader = RowReader(index)
     n_steps = args.warmup + args.steps
     read = lambda step: reader.read(step_positions(len(index), 0, step, n_steps, 0, 1, args.batch, 1))  # noqa: E731
+    batches = prefetched(read, range(n_steps), ahead=2)  # as the loop reads: a background thread, two steps ahead
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     counter = SyncCounter()
     collate = wrapper.collate
@@ -244,8 +246,8 @@ def profile(args, layers: int, work: Path, trace: Path | None) -> dict:
 
     def step(i):
         with record_function("dpo_ray.step"):
-            with record_function("dpo_ray.read"):
-                table = read(i)
+            with record_function("dpo_ray.read"):  # the wait for the prefetch thread
+                table = next(batches)
             counter.on = True
             m, tokens = train_step(wrapper, wrapper, optimizer, table, t, 0, device, precision)
             counter.on = False

@@ -87,4 +87,4 @@ class PolicyLogps(nn.Module):
         else:
             logits = self.model(**kwargs).logits.flatten(0, 1)[batch["score_pos"]]
             per_token = token_logps(logits, batch["score_target"])
-        return gather_sums(per_token, batch["score_seq"], batch["n_seqs"])
+        return gather_sums(per_token, batch["score_seq"], batch["n_seqs"], batch.get("score_counts"))

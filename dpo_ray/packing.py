@@ -10,6 +10,7 @@ Either layout comes out as one dict the model wrapper (forward.PolicyLogps) take
   input_ids (R, T), attention_mask (R, T) or None, position_ids (R, T) or None,
   score_pos (N,) flat index into R*T of the positions whose logits are scored,
   score_target (N,) the token each of them predicts, score_seq (N,) its sequence (chosen 0..B-1, rejected B..2B-1),
+  score_counts (2B,) the scored positions of each sequence (counted here, so the device is never read for them),
   attn_blocks (packed, attention "sdpa"): (start, length, (L, L) bool mask) per block of consecutive pairs;
   flex_index (packed, attention "flex"): (3, N) int32 per position: its pair, and the start and end of the
       chosen reply span it must not see (empty for chosen positions) -> flex_block_mask();
@@ -241,7 +242,8 @@ def flex_block_mask(index: torch.Tensor):
 
 def _scores(pos, tgt, seq) -> dict:
     cat = lambda xs: torch.from_numpy(np.concatenate(xs).astype(np.int64))  # noqa: E731
-    return {"score_pos": cat(pos), "score_target": cat(tgt), "score_seq": cat(seq)}
+    counts = torch.from_numpy(np.bincount(np.concatenate(seq).astype(np.int64), minlength=len(seq)))  # seq: one array a sequence
+    return {"score_pos": cat(pos), "score_target": cat(tgt), "score_seq": cat(seq), "score_counts": counts}
 
 
 def to_device(batch: dict, device) -> dict:

@@ -29,7 +29,7 @@ from . import checkpoint, parallel
 from .config import Config
 from .forward import autocast, use_bf16
 from .losses import dpo_loss
-from .metrics import dpo_metrics
+from .metrics import NAMES, metric_vector
 from .packing import token_budget_groups
 from .rows import RowIndex, RowReader, as_lists, prefetched, step_positions
 from .tracking import run_logger, system_metrics
@@ -64,8 +64,8 @@ def split_to(groups: list[list[int]], n: int) -> list[list[int]]:
     return groups
 
 
-def max_over_workers(n: int) -> int:
-    x = torch.tensor([n])
+def max_over_workers(n: int, device=None) -> int:
+    x = torch.tensor([n], device=device)  # on the worker's device: NCCL reduces device tensors only
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return int(x.item())
 
@@ -99,12 +99,14 @@ def host_memory_peak_mb() -> float:
 def train_step(policy, wrapper, optimizer, table, t, pad_id: int, device, precision=nullcontext(), world: int = 1, fsdp: bool = False):
     """One optimizer step of this worker on its pairs of the step (`table`): micro-batches (collate, forward, loss,
     backward; gradients reduced across workers on the last), clip, AdamW. Returns (this worker's metrics, or None when
-    the loss or gradient was not finite and the update was skipped; the real tokens of the step). The phases are
-    marked for torch.profiler (dpo_ray.collate / forward / backward / optimizer / metrics): benchmarks/profile_step.py."""
+    the loss or gradient was not finite on some worker and the update was skipped; this worker's real tokens of the
+    step). The metrics are means over the workers (equal pair counts), "tokens" their sum: one all-reduce and one read
+    of the device a step (no per-micro-batch or per-metric sync). The phases are marked for torch.profiler
+    (dpo_ray.collate / forward / backward / optimizer): benchmarks/profile_step.py."""
     bs = t.batch_size_per_worker
     groups = micro_batches(table["pair_tokens"].to_pylist(), bs, t.max_tokens_per_micro_batch)
     if fsdp and world > 1 and t.max_tokens_per_micro_batch:  # every forward all-gathers: the same count on every rank
-        groups = split_to(groups, max_over_workers(len(groups)))
+        groups = split_to(groups, max_over_workers(len(groups), device))
     nll_tokens = scored_tokens(table["chosen_loss_mask"].to_pylist()) if t.nll_weight > 0 else 1
     parts, tokens = [], 0
     for micro, idx in enumerate(groups):
@@ -121,13 +123,21 @@ def train_step(policy, wrapper, optimizer, table, t, pad_id: int, device, precis
     with record_function("dpo_ray.optimizer"):
         grad_norm = parallel.clip_gradients(policy, t.max_grad_norm)
         losses, cr, rr, pc, pr = (torch.cat(x) for x in zip(*parts))
-        if not (torch.isfinite(grad_norm) and torch.isfinite(losses).all()):
-            optimizer.zero_grad(set_to_none=True)  # skip the update: the weights stay as they were
+        # the finite check and the metrics in one device vector, summed over workers, read by the host once a step
+        bad = (~torch.isfinite(grad_norm)) | (~torch.isfinite(losses).all())
+        stats = torch.cat([bad.double().reshape(1), losses.mean().double().reshape(1), metric_vector(cr, rr, pc, pr),
+                           grad_norm.detach().double().reshape(1), torch.tensor([float(tokens)], dtype=torch.float64).to(grad_norm.device)])
+        if world > 1:
+            dist.all_reduce(stats)
+        values = stats.tolist()
+        if values[0] > 0:  # a worker's loss or the gradient is not finite: skip the update everywhere
+            optimizer.zero_grad(set_to_none=True)  # the weights stay as they were
             return None, tokens
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    with record_function("dpo_ray.metrics"):
-        return {"loss": losses.mean().item(), **dpo_metrics(cr, rr, pc, pr), "grad_norm": float(grad_norm)}, tokens
+    m = dict(zip(("loss", *NAMES, "grad_norm"), (v / world for v in values[1:-1])))  # means over workers (equal pair counts)
+    m["tokens"] = values[-1]  # summed over workers
+    return m, tokens
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -201,22 +211,19 @@ def train_loop_per_worker(config: dict) -> None:
             continue
         nonfinite = 0
 
-        # metrics: this worker's pairs, then the mean over workers (equal pair counts per worker)
+        # metrics: means over workers from train_step; peaks: the largest worker's
         m["learning_rate"] = lr
-        vec = torch.tensor(list(m.values()) + [tokens], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(vec)
-            vec[:-1] /= world
-        m = dict(zip(m, vec[:-1].tolist()))
         step_times.append(time.time() - t0)
-        m["tokens_per_second"] = vec[-1].item() / step_times[-1]
+        m["tokens_per_second"] = m.pop("tokens") / step_times[-1]
         m["step_seconds"] = step_times[-1]
-        peaks = torch.tensor([host_memory_peak_mb(), torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0])
-        if world > 1:  # the largest worker's peaks: host RSS, and allocated GPU memory so far
+        peaks = [host_memory_peak_mb(), torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0]
+        if world > 1:  # the largest worker's peaks: host RSS, and allocated GPU memory so far (on the device: NCCL's too)
+            peaks = torch.tensor(peaks, dtype=torch.float64, device=device)
             dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
-        m["host_memory_peak_mb"] = peaks[0].item()
+            peaks = peaks.tolist()
+        m["host_memory_peak_mb"] = peaks[0]
         if device.type == "cuda":
-            m["gpu_peak_memory_mb"] = peaks[1].item()
+            m["gpu_peak_memory_mb"] = peaks[1]
         loss_first = m["loss"] if loss_first is None else loss_first
         tracker.log_metrics({f"train/{k}": v for k, v in m.items()}, step=step + 1)
         last = m
