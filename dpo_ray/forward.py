@@ -64,7 +64,8 @@ class PolicyLogps(nn.Module):
             model.set_attn_implementation(packing.register())  # plain SDPA for any call that is not a packed batch
 
     def collate(self, rows: dict, pad_id: int, device=None) -> dict:
-        batch = packing.pack_pairs(rows, self.attention) if self.packed else packing.pad_pairs(rows, pad_id)
+        on_gpu = device is not None and torch.device(device).type != "cpu"  # sdpa's block masks built there, not copied
+        batch = packing.pack_pairs(rows, self.attention, mask_device=device if on_gpu else None) if self.packed else packing.pad_pairs(rows, pad_id)
         return packing.to_device(batch, device) if device is not None else batch
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

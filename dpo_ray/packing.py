@@ -130,10 +130,12 @@ def pad_pairs(batch: dict, pad_id: int) -> dict:
             **_refs(batch)}
 
 
-def pack_pairs(batch: dict, attention: str = "sdpa") -> dict:
+def pack_pairs(batch: dict, attention: str = "sdpa", mask_device=None) -> dict:
     """Rows of ragged chosen/rejected lists -> one packed (1, N) row with the prompt shared inside each pair.
 
-    attention "sdpa": per-block dense masks (attn_blocks); "flex": per-position indices for a FlexAttention block mask.
+    attention "sdpa": per-block dense masks (attn_blocks), built on the host, or with mask_device on that device from
+    an O(N) index (device_blocks: no (L, L) mask built on the host or copied); "flex": per-position indices for a
+    FlexAttention block mask; "varlen": index tensors for varlen attention (varlen_index).
     """
     if attention not in ATTENTIONS:
         raise ValueError(f"packed attention {attention!r}: choose one of {ATTENTIONS}")
@@ -156,7 +158,7 @@ def pack_pairs(batch: dict, attention: str = "sdpa") -> dict:
         tokens += len(c) + len(r)
     flex = attention == "flex"
     with record_function("dpo_ray.attention_masks"):
-        blocks = attention_blocks(layout) if attention == "sdpa" else None
+        blocks = None if attention != "sdpa" else attention_blocks(layout) if mask_device is None else device_blocks(layout, mask_device)
         index = flex_index(layout) if flex else None
         varlen = varlen_index(layout) if attention == "varlen" else None
     return {"input_ids": torch.from_numpy(np.concatenate(ids))[None], "attention_mask": None,
@@ -169,19 +171,8 @@ def attention_blocks(layout: list[tuple[int, int, int, int]], budget: int | None
     """Consecutive pairs grouped into blocks of at most `budget` positions (a longer pair is a block alone), each
     with its (L, L) boolean mask: True where a query may attend. One attention call per block and layer: short
     pairs share a call (few kernel launches), long ones do not pay for masked-out positions of others."""
-    budget = budget or BLOCK_TOKENS
-    groups, cur, length = [], [], 0
-    for pair in layout:
-        n = pair[1] + pair[3]
-        if cur and length + n > budget:
-            groups.append(cur)
-            cur, length = [], 0
-        cur.append(pair)
-        length += n
-    if cur:
-        groups.append(cur)
     blocks = []
-    for g in groups:
+    for g in _block_groups(layout, budget):
         start = g[0][0]
         L = g[-1][0] + g[-1][1] + g[-1][3] - start
         mask = np.zeros((L, L), dtype=bool)
@@ -193,6 +184,37 @@ def attention_blocks(layout: list[tuple[int, int, int, int]], budget: int | None
                 mask[t0 : t0 + tail, o : o + s] = True  # rejected tail: the whole shared prefix ...
                 mask[t0 : t0 + tail, t0 : t0 + tail] = np.tri(tail, dtype=bool)  # ... and itself, causally
         blocks.append((start, L, torch.from_numpy(mask)))
+    return blocks
+
+
+def _block_groups(layout: list[tuple[int, int, int, int]], budget: int | None) -> list[list[tuple[int, int, int, int]]]:
+    budget = budget or BLOCK_TOKENS
+    groups, cur, length = [], [], 0
+    for pair in layout:
+        n = pair[1] + pair[3]
+        if cur and length + n > budget:
+            groups.append(cur)
+            cur, length = [], 0
+        cur.append(pair)
+        length += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def device_blocks(layout: list[tuple[int, int, int, int]], device, budget: int | None = None) -> list[tuple[int, int, torch.Tensor]]:
+    """attention_blocks' blocks with their masks built on `device` from the (3, N) flex_index (one small copy), by the
+    FlexAttention rule: same pair, causal, outside the hole. A few elementwise kernels per block and batch, shared by
+    every layer; the host does O(N) work instead of O(L^2)."""
+    index = flex_index(layout).to(device, non_blocking=True)
+    blocks = []
+    for g in _block_groups(layout, budget):
+        start = g[0][0]
+        L = g[-1][0] + g[-1][1] + g[-1][3] - start
+        pair, hole_start, hole_end = index[:, start : start + L].unsqueeze(-1).unbind(0)  # (L, 1) each: per query
+        kv = torch.arange(start, start + L, device=index.device)
+        mask = (pair == pair.T) & (kv <= kv[:, None]) & ((kv < hole_start) | (kv >= hole_end))
+        blocks.append((start, L, mask))
     return blocks
 
 

@@ -138,6 +138,17 @@ def test_flex_block_mask_is_the_dense_mask():
     assert block_mask.shape[-2:] == (n, n)
 
 
+@pytest.mark.parametrize("block_tokens", [192, 24])
+def test_device_built_block_masks_equal_the_host_ones(block_tokens, monkeypatch):
+    """sdpa's block masks built from the O(N) index on a device (here the CPU) equal the host-built dense ones."""
+    monkeypatch.setattr(packing, "BLOCK_TOKENS", block_tokens)
+    rows = _ragged_batch()
+    host, dev = packing.pack_pairs(rows, "sdpa")["attn_blocks"], packing.pack_pairs(rows, "sdpa", mask_device="cpu")["attn_blocks"]
+    assert len(host) == len(dev) >= (1 if block_tokens > 100 else 4)
+    for (a, n, m), (b, k, d) in zip(host, dev):
+        assert (a, n) == (b, k) and d.dtype == torch.bool and torch.equal(m, d)
+
+
 def test_varlen_layout_is_the_dense_mask():
     """What each query of the varlen layout sees (its sequence's keys, causal from the bottom right, mapped back to row
     positions through kv_index) is the SDPA path's dense mask: chosen causal over itself, a rejected tail over the
