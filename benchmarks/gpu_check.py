@@ -17,7 +17,7 @@ maxlen: the longest max_length whose training step fits at batch 1, doubling fro
         and TRL + precompute; each row in its own process (an OOM leaves the next row a clean GPU).
 table:  merges every part's JSON into <log>/results.json and prints the final table (also <log>/table.txt).
 Sizes: cuda uses Qwen2.5-0.5B's shape (GPU_CHECK_MODEL=qwen-1.5b for the MFU target's size); cpu, the dry run, the
-demo's tiny Llama and a few steps, through the same code (the profile: 1 layer of the 0.5B widths, a small vocabulary).
+demo's tiny Llama and a few steps, through the same code (the profile: a tiny Qwen2 shape, `--model tiny`).
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def sizes(device: str) -> dict:
     # CPU: FlexAttention runs its eager, dense implementation there (an N x N score matrix per head): small batches
     return {"model": "tiny", "batch": 2, "max_length": 256, "max_prompt_length": 128, "warmup": 1, "steps": 2, "threads": 2, "ref_batch": 2, "bench_pairs": 40,
             "e2e_pairs": 40, "parity_pairs": 12, "lengths": [64, 128],
-            "profile": ["--layers", "1", "--vocab", "2048", "--batch", "2", "--max-length", "256", "--max-prompt-length", "128", "--warmup", "1", "--steps", "1"]}
+            "profile": ["--model", "tiny", "--vocab", "2048", "--batch", "2", "--max-length", "256", "--max-prompt-length", "128", "--warmup", "1", "--steps", "1"]}
 
 
 def save(work: Path, part: str, result: dict) -> None:

@@ -63,6 +63,7 @@ SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::bincount", "ate
 SYNC_CALLS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "nonzero")
 CUDA_SYNCS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaStreamWaitEvent")
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaLaunchCooperativeKernel")
+TINY = (64, 2, 4, 2, 128)  # --model tiny: the dry run's shape (hidden, layers, heads, KV heads, MLP), same code
 PHASES = ("dpo_ray.read", "dpo_ray.collate", "dpo_ray.attention_masks", "dpo_ray.forward", "dpo_ray.backward",
           "dpo_ray.optimizer", "dpo_ray.metrics")
 
@@ -93,7 +94,7 @@ def build(args, work: Path):
     from dpo_ray.rows import RowIndex
 
     tiny = model_dir(work, "tiny")  # the demo tokenizer (its ids are a subset of the Qwen vocabulary)
-    hidden, layers, heads, kv_heads, mlp = QWEN[args.model]
+    hidden, layers, heads, kv_heads, mlp = QWEN[args.model] if args.model in QWEN else TINY
     config = Qwen2Config(vocab_size=args.vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=args.layers or layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=32768, rope_theta=1e6,
                          rms_norm_eps=1e-6, tie_word_embeddings=True)
@@ -283,7 +284,7 @@ def profile(args, layers: int, work: Path, trace: Path | None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--model", default="qwen-0.5b", choices=("qwen-0.5b", "qwen-1.5b"))
+    ap.add_argument("--model", default="qwen-0.5b", choices=("qwen-0.5b", "qwen-1.5b", "tiny"))
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: all on CUDA, 2 on CPU)")
     ap.add_argument("--layers-delta", action="store_true", help="also profile 1 layer, to split per-layer from fixed counts")
     ap.add_argument("--vocab", type=int, default=151936)
@@ -304,7 +305,7 @@ def main() -> None:
     args.steps = args.steps or (3 if cuda else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
-    full = {"qwen-0.5b": 24, "qwen-1.5b": 28}[args.model]
+    full = {"qwen-0.5b": 24, "qwen-1.5b": 28, "tiny": 2}[args.model]
     layers = args.layers or (full if cuda else 2)
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="dpo-ray-profile-"))
