@@ -19,8 +19,9 @@ or ui.perfetto.dev). Counts are per training step, over the profiled steps (afte
   On CUDA the summary also counts the kernels the GPU ran and the launch calls the host made (cudaLaunchKernel & co.).
 - host syncs: Python reads of tensor values (Tensor.item / tolist / __bool__ / __float__ / __int__ / numpy, and
   nonzero), counted by a TorchFunctionMode outside the read and the collate (whose tensors are host data), and the aten
-  calls that wait for the device on CUDA (_local_scalar_dense, nonzero, bincount, repeat_interleave without output
-  size, masked_select, unique); on CUDA also the runtime's synchronize calls.
+  calls that wait for the device on CUDA (_local_scalar_dense, which .item() and repeat_interleave with tensor
+  repeats run, nonzero, bincount, masked_select, unique; one inside another counted once); on CUDA also the
+  runtime's synchronize calls.
 - host time per phase: the `dpo_ray.*` record_function ranges of train_step (read, collate, attention masks,
   forward, backward, optimizer, metrics); on CUDA also the GPU time of the kernels, the GPU idle fraction of the
   profiled span, and the top kernels by GPU time.
@@ -58,8 +59,8 @@ NO_KERNEL = {  # leaf aten calls that launch no kernel on CUDA: views, metadata,
     "aten::_unsafe_split", "aten::movedim", "aten::swapaxes", "aten::_neg_view", "aten::_conj", "aten::resolve_conj",
     "aten::resolve_neg", "aten::record_stream", "aten::pin_memory", "aten::is_pinned", "aten::sym_size", "aten::sym_numel",
 }
-SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::bincount", "aten::repeat_interleave", "aten::masked_select",
-            "aten::unique", "aten::_unique2", "aten::unique_consecutive")
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::bincount", "aten::masked_select", "aten::unique", "aten::_unique2",
+            "aten::unique_consecutive")  # repeat_interleave with tensor repeats syncs through its _local_scalar_dense
 SYNC_CALLS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "nonzero")
 CUDA_SYNCS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaStreamWaitEvent")
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaLaunchCooperativeKernel")
@@ -134,7 +135,15 @@ def events_summary(prof, steps: int, cuda: bool) -> dict:
             p = p.cpu_parent
         return False
 
-    sync_ops = Counter(e.name for e in aten if e.name in SYNC_OPS and not (e.device_type == torch.autograd.DeviceType.CPU and not cuda and cpu_only(e)))
+    def inside_sync(e) -> bool:  # counted once: bincount's own _local_scalar_dense on CUDA is not a second sync
+        p = e.cpu_parent
+        while p is not None:
+            if p.name in SYNC_OPS:
+                return True
+            p = p.cpu_parent
+        return False
+
+    sync_ops = Counter(e.name for e in aten if e.name in SYNC_OPS and not inside_sync(e) and not (not cuda and cpu_only(e)))
     sources = Counter()  # where the sync ops come from: the chain of enclosing calls, innermost first
     for e in aten:
         if e.name in SYNC_OPS:
