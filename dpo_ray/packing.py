@@ -355,7 +355,7 @@ def varlen_attention(query, key, value, varlen: dict, scale=None) -> torch.Tenso
         if repeat:
             k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
         out = kernel(q * factor if factor != 1.0 else q, k, v, varlen["cu_seq_q"], varlen["cu_seq_k"], varlen["max_q"], varlen["max_k"], **kwargs)
-        return out[None]
+        return (out[0] if isinstance(out, tuple) else out)[None]  # (output, lse) from versions that return both
     outs = []
     for q0, q1, k0, k1 in varlen["segments"]:
         lq, lk = q1 - q0, k1 - k0
