@@ -1,17 +1,23 @@
 """The parts of benchmarks/gpu_check.sh that are Python: each writes its result to <work>/results/<part>.json.
 
-    python benchmarks/gpu_check.py e2e|parity|bench|maxlen|table --device cuda|cpu --work DIR [--log DIR]
+    python benchmarks/gpu_check.py profile|trl|e2e|parity|bench|maxlen|table --device cuda|cpu --work DIR [--log DIR]
 
-e2e:    `dpo-ray run` (python -m pipeline.cli) on a Qwen2-shaped model: Ray Data prepare, the reference stage on a
-        GPU actor, TorchTrainer(use_gpu), evaluation, MLflow on sqlite; must write summary.json.
-parity: step 1 of the policy against the reference stage's scorer (benchmarks/parity.py), both attentions.
-bench:  the CUDA rows of benchmarks/run.py: dpo-ray (sdpa and flex attention), TRL with and without
-        precompute_ref_log_probs, on the same model, data, batch and lengths; the matmul peak first (MFU).
-maxlen: the longest max_length whose training step fits at batch 1, doubling from 1024, for dpo-ray (both
-        attentions) and TRL + precompute; each row in its own process (an OOM leaves the next row a clean GPU).
+Call 1 (what matters most, ~7 min on an H100):
+profile: benchmarks/profile_step.py on the Ray Train row's step (dpo_ray.train_loop.train_step, same model shape, data,
+        batch and lengths; 2 warm-up + 3 profiled steps): <log>/profile-<attention>/ summary.txt, summary.json, trace.json.gz.
+trl:    TRL + precompute_ref_log_probs on the e2e's model, data, batch and lengths (and the matmul peak, for MFU).
+e2e:    `dpo-ray run` (python -m pipeline.cli) with the training row's settings: Ray Data prepare, the reference stage on
+        a GPU actor, TorchTrainer(use_gpu), evaluation, MLflow on sqlite; must write summary.json. Its training steps,
+        read back from MLflow (after the warm-up steps), are the Ray Train training row compared with TRL.
+Call 2:
+parity: step 1 of the policy against the reference stage's scorer (benchmarks/parity.py), every attention.
+bench:  more dpo-ray rows of benchmarks/run.py (BENCH_ROWS, default: varlen and flex attention; `dpo-ray trl-pre trl` the
+        old full set) on the same model, data, batch and lengths; the matmul peak first (MFU).
+maxlen: the longest max_length whose training step fits at batch 1, doubling from 4096, for dpo-ray (sdpa, varlen, flex)
+        and TRL + precompute; each row in its own process (an OOM leaves the next row a clean GPU).
 table:  merges every part's JSON into <log>/results.json and prints the final table (also <log>/table.txt).
 Sizes: cuda uses Qwen2.5-0.5B's shape (GPU_CHECK_MODEL=qwen-1.5b for the MFU target's size); cpu, the dry run, the
-demo's tiny Llama and a few steps, through the same code.
+demo's tiny Llama and a few steps, through the same code (the profile: a tiny Qwen2 shape, `--model tiny`).
 """
 from __future__ import annotations
 
@@ -29,16 +35,19 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.common import flops_model, model_dir, write_long  # noqa: E402
 
-PARTS = ("wheels", "tests", "e2e", "parity", "bench", "maxlen")
+PARTS = ("wheels", "profile", "trl", "e2e", "tests", "parity", "bench", "maxlen")
+ATTENTION = os.environ.get("GPU_CHECK_ATTENTION", "sdpa")  # the Ray Train row's (and the e2e's) train.attention
 
 
 def sizes(device: str) -> dict:
     if device == "cuda":
         return {"model": os.environ.get("GPU_CHECK_MODEL", "qwen-0.5b"), "batch": 8, "max_length": 1024, "max_prompt_length": 512,
-                "warmup": 3, "steps": 10, "threads": 8, "ref_batch": 64, "bench_pairs": 300, "e2e_steps": 6, "parity_pairs": 32, "lengths": [4096 * 2**i for i in range(6)]}
+                "warmup": 2, "steps": 8, "threads": 8, "ref_batch": 64, "bench_pairs": 300, "e2e_pairs": 160, "parity_pairs": 32,
+                "lengths": [4096 * 2**i for i in range(6)], "profile": []}
     # CPU: FlexAttention runs its eager, dense implementation there (an N x N score matrix per head): small batches
     return {"model": "tiny", "batch": 2, "max_length": 256, "max_prompt_length": 128, "warmup": 1, "steps": 2, "threads": 2, "ref_batch": 2, "bench_pairs": 40,
-            "e2e_steps": 2, "parity_pairs": 12, "lengths": [64, 128]}
+            "e2e_pairs": 40, "parity_pairs": 12, "lengths": [64, 128],
+            "profile": ["--model", "tiny", "--vocab", "2048", "--batch", "2", "--max-length", "256", "--max-prompt-length", "128", "--warmup", "1", "--steps", "1"]}
 
 
 def save(work: Path, part: str, result: dict) -> None:
@@ -54,15 +63,31 @@ def _subset(work: Path, n: int) -> Path:
     return data
 
 
+def spec_of(args, s: dict, data: Path, model: Path) -> dict:
+    """The training row's settings, shared by the e2e (the Ray Train row), TRL and the bench rows."""
+    return {"model_dir": str(model), "tokenizer_dir": str(model), "batch_size": s["batch"], "max_length": s["max_length"],
+            "max_prompt_length": s["max_prompt_length"], "steps": s["steps"], "warmup_steps": s["warmup"], "threads": s["threads"],
+            "lr": 1e-4, "beta": 0.1, "seed": 0, "device": args.device, "bf16": args.device == "cuda", "data": str(data),
+            "reference_batch_size": s["ref_batch"]}
+
+
 def e2e(args, s: dict) -> dict:
+    """`dpo-ray run` with the training row's settings; its measured steps (after the warm-up) are the Ray Train row."""
+    from mlflow.tracking import MlflowClient
+
+    from benchmarks.run import mfu
+
     model = model_dir(args.work, s["model"])
-    data = _subset(args.work, 160)
+    data = _subset(args.work, s["e2e_pairs"])
+    spec = spec_of(args, s, data, model)
     out = args.work / "e2e"
+    steps = s["warmup"] + s["steps"]
     sets = {"output_dir": out / "out", "cache_dir": out / "cache", "model.policy": model, "data.train": f"[{data}]",
             "data.max_length": s["max_length"], "data.max_prompt_length": s["max_prompt_length"], "data.eval_fraction": 0.1,
-            "train.batch_size_per_worker": s["batch"], "train.max_steps": s["e2e_steps"], "train.log_every": 1,
-            "train.checkpoint_every": s["e2e_steps"], "train.lr": 1e-5, "reference.batch_size": 16,
-            "train.use_gpu": str(args.device == "cuda").lower(), "mlflow.tracking_uri": f"sqlite:///{out / 'mlflow.db'}"}
+            "train.batch_size_per_worker": s["batch"], "train.max_steps": steps, "train.log_every": 1, "train.checkpoint_every": steps,
+            "train.lr": spec["lr"], "train.beta": spec["beta"], "train.warmup_ratio": 0.0, "train.weight_decay": 0.0,
+            "train.attention": ATTENTION, "reference.batch_size": 16, "train.use_gpu": str(args.device == "cuda").lower(),
+            "mlflow.tracking_uri": f"sqlite:///{out / 'mlflow.db'}"}
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(HERE.parent / "configs" / "demo.yaml")]
     cmd += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     t0 = time.time()
@@ -74,7 +99,63 @@ def e2e(args, s: dict) -> dict:
         r.update(train=sm.get("train"), eval=sm.get("eval"), eval_reference=sm.get("eval_reference"), rows=sm["data"]["rows_used"])
         first = sm.get("train", {}).get("loss_first")
         r["loss_first_minus_ln2"] = None if first is None else first - math.log(2)
+        try:  # the Ray Train row: the worker's own step timings, from MLflow
+            client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+            hist = {k: {m.step: m.value for m in client.get_metric_history(sm["mlflow_run_id"], f"train/{k}")}
+                    for k in ("step_seconds", "tokens_per_second", "gpu_peak_memory_mb")}
+            measured = [i for i in sorted(hist["step_seconds"]) if i > s["warmup"]]
+            seconds = sum(hist["step_seconds"][i] for i in measured)
+            tokens = sum(hist["step_seconds"][i] * hist["tokens_per_second"][i] for i in measured)
+            row = {"name": f"dpo-ray (Ray Train worker in `dpo-ray run`, packed pairs, {ATTENTION} attention)", "steps": len(measured),
+                   "tokens": round(tokens), "seconds": seconds, "tokens_per_s": tokens / seconds,
+                   "peak_gpu_mb": max(hist["gpu_peak_memory_mb"].values(), default=None)}
+            peak = _peak(args)
+            if peak:
+                row["mfu"] = mfu({**row, "pairs": len(measured) * s["batch"]}, flops_model(model), peak)
+            r["row"] = row
+        except Exception as e:  # noqa: BLE001  the run's own result stands; the row is reported missing
+            r["row_error"] = repr(e)[:500]
     return r
+
+
+def _peak(args) -> float | None:
+    f = args.work / "results" / "trl.json"
+    return json.loads(f.read_text()).get("peak", {}).get("flops_per_s") if f.exists() else None
+
+
+def profile(args, s: dict) -> dict:
+    """benchmarks/profile_step.py on the training row's step, for each attention in GPU_CHECK_PROFILE (default: the
+    row's own): its summary and Chrome trace into <log>/profile-<attention>/."""
+    out = {}
+    for attention in os.environ.get("GPU_CHECK_PROFILE", ATTENTION).split():
+        d = args.log / f"profile-{attention}"
+        cmd = [sys.executable, str(HERE / "profile_step.py"), "--device", args.device, "--attention", attention, "--out", str(d),
+               "--work", str(args.work / "profile"), *s["profile"]]
+        if s["model"] != "tiny":
+            cmd += ["--model", s["model"]]
+        proc = subprocess.run(cmd)
+        f = d / "summary.json"
+        out[attention] = json.loads(f.read_text()) if proc.returncode == 0 and f.exists() else {"error": f"exit {proc.returncode}"}
+        save(args.work, "profile", out)
+    return out
+
+
+def trl(args, s: dict) -> dict:
+    """TRL + precompute_ref_log_probs on the e2e's model, data, batch and lengths; the matmul peak first (MFU)."""
+    from benchmarks.run import TRAIN_ROWS, child, mfu
+
+    model = model_dir(args.work, s["model"])
+    spec = spec_of(args, s, _subset(args.work, s["e2e_pairs"]), model)
+    out = {"model": s["model"], "spec": spec, "peak": child("peak.py", spec), "rows": {}}
+    save(args.work, "trl", out)
+    script, extra = TRAIN_ROWS["trl-pre"]
+    try:
+        r = child(script, {**spec, **extra})
+        r["mfu"] = mfu(r, flops_model(model), out["peak"]["flops_per_s"])
+    except SystemExit as e:
+        r = {"error": str(e)[-1500:]}
+    out["rows"]["trl-pre"] = r
+    return out
 
 
 def parity(args, s: dict) -> dict:
@@ -84,7 +165,7 @@ def parity(args, s: dict) -> dict:
     spec = {"model_dir": str(model), "tokenizer_dir": str(model), "data": str(_subset(args.work, s["parity_pairs"])), "pairs": s["parity_pairs"],
             "max_length": s["max_length"], "max_prompt_length": s["max_prompt_length"], "device": args.device, "bf16": True}
     out = {}
-    for attention in ("sdpa", "flex"):
+    for attention in ("sdpa", "varlen", "flex"):
         out[attention] = p.run({**spec, "attention": attention})
         save(args.work, "parity", out)  # what is done survives a timeout in the next one
     return out
@@ -94,13 +175,10 @@ def bench(args, s: dict) -> dict:
     from benchmarks.run import TRAIN_ROWS, child, mfu
 
     model = model_dir(args.work, s["model"])
-    spec = {"model_dir": str(model), "tokenizer_dir": str(model), "batch_size": s["batch"], "max_length": s["max_length"],
-            "max_prompt_length": s["max_prompt_length"], "steps": s["steps"], "warmup_steps": s["warmup"], "threads": s["threads"],
-            "lr": 1e-4, "beta": 0.1, "seed": 0, "device": args.device, "bf16": args.device == "cuda",
-            "data": str(_subset(args.work, s["bench_pairs"])), "reference_batch_size": s["ref_batch"]}
+    spec = spec_of(args, s, _subset(args.work, s["e2e_pairs"]), model)  # the e2e's and TRL's data: one table
     fm = flops_model(model)
     out = {"model": s["model"], "params": fm["params"], "spec": spec, "peak": child("peak.py", spec), "rows": {}}
-    for key in ("dpo-ray", "trl-pre", "dpo-ray-flex", "trl"):  # most wanted first: the part has a time limit
+    for key in os.environ.get("BENCH_ROWS", "dpo-ray-varlen dpo-ray-flex").split():  # most wanted first: the part has a time limit
         script, extra = TRAIN_ROWS[key]
         try:
             r = child(script, {**spec, **extra})
@@ -118,7 +196,7 @@ def maxlen(args, s: dict) -> dict:
     model = model_dir(args.work, s["model"])
     out = {"model": s["model"], "lengths": s["lengths"], "rows": {}}
     cuda = args.device == "cuda"
-    for row, limit in (("dpo-ray-flex", 35), ("trl-pre", 25), ("dpo-ray-sdpa", 10)):  # seconds per row on CUDA (flex compiles first)
+    for row, limit in (("dpo-ray-varlen", 12), ("trl-pre", 25), ("dpo-ray-sdpa", 10), ("dpo-ray-flex", 35)):  # seconds per row on CUDA (flex compiles)
         limit = limit if cuda else 300
         spec = {"row": row, "model_dir": str(model), "lengths": s["lengths"], "device": args.device, "work": str(args.work)}
         cmd = [sys.executable, str(HERE / "max_length.py"), json.dumps(spec)]
@@ -148,6 +226,8 @@ def table(args) -> str:
     lines = [f"GPU check ({args.device}): parts", "", "| part | result | seconds | exit |", "|---|---|---:|---:|"]
     for p in PARTS:
         rc, secs = status.get(p, (None, 0))
+        if rc is None:  # a part of the other call
+            continue
         ok = rc == 0 and (p != "e2e" or res.get("e2e", {}).get("ok"))
         lines.append(f"| {p} | {'passed' if ok else 'not run' if rc is None else why.get(rc, 'FAILED')} | {secs} | {rc} |")
     lines += ["", "Figures", ""]
@@ -160,29 +240,47 @@ def table(args) -> str:
         lines.append(f"- step-1 parity ({att}, {r['pairs']} pairs): loss - ln2 {n['loss_minus_ln2']:+.1e}, mean |margin| "
                      f"{n['mean_abs_margin']:.1e} (bf16-weight reference: {o['loss_minus_ln2']:+.1e}, {o['mean_abs_margin']:.1e}); "
                      f"target |loss - ln2| < 2e-3 and |margin| < 1e-2: {'met' if abs(n['loss_minus_ln2']) < 2e-3 and n['mean_abs_margin'] < 1e-2 else 'NOT met'}")
+    for att, p in res.get("profile", {}).items():
+        if "error" in p:
+            lines.append(f"- profile ({att}): FAILED ({p['error']})")
+            continue
+        gpu = (f", GPU kernels {p['gpu_kernels']:,.0f}, launch calls {p['kernel_launch_calls']:,.0f}, GPU idle {p['gpu_idle_fraction']:.0%}"
+               if "gpu_kernels" in p else "")
+        lines.append(f"- profile ({att}, {p['layers']} layers, per step): {p['step_seconds']:.3f} s, {p['tokens'] / p['step_seconds']:,.0f} tokens/s, "
+                     f"aten calls {p['aten_calls']:,.0f}, kernel calls {p['kernel_calls']:,.0f}, Python reads {p['python_reads_total']:.0f}, "
+                     f"sync ops {p['sync_ops_total']:.0f}{gpu} (profile-{att}/summary.txt)")
     b = res.get("bench", {})
-    rows = {k: r for k, r in b.get("rows", {}).items() if "error" not in r}
-    if b:
-        lines += ["", f"Training rows ({b['model']}, batch {b['spec']['batch_size']}, max_length {b['spec']['max_length']}; "
-                      f"peak {b['peak']['flops_per_s'] / 1e12:,.1f} TFLOP/s, {b['peak']['name']})", "",
-                  "| row | tokens/s | MFU | peak GPU MB | reference tokens/s |", "|---|---:|---:|---:|---:|"]
-        for k, r in b.get("rows", {}).items():
+    t = res.get("trl", {})
+    all_rows = {}
+    if e.get("row"):
+        all_rows["dpo-ray"] = e["row"]
+    all_rows.update(t.get("rows", {}))
+    all_rows.update(b.get("rows", {}))
+    rows = {k: r for k, r in all_rows.items() if "error" not in r}
+    info = b or t
+    if all_rows:
+        peak = info.get("peak", {}) if info else {}
+        head = (f"Training rows ({info['model']}, batch {info['spec']['batch_size']}, max_length {info['spec']['max_length']}; "
+                f"peak {peak['flops_per_s'] / 1e12:,.1f} TFLOP/s, {peak['name']})") if peak else "Training rows"
+        lines += ["", head, "", "| row | tokens/s | MFU | peak GPU MB | reference tokens/s |", "|---|---:|---:|---:|---:|"]
+        for k, r in all_rows.items():
             if "error" in r:
                 lines.append(f"| {k} | FAILED | | | |")
                 continue
             ref = f"{r['ref_tokens_per_s']:,.0f}" if r.get("ref_tokens_per_s") else ""
             gpu = f"{r['peak_gpu_mb']:,.0f}" if r.get("peak_gpu_mb") is not None else "-"
-            lines.append(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {gpu} | {ref} |")
-    best = max((rows[k] for k in ("dpo-ray", "dpo-ray-flex") if k in rows), key=lambda r: r["tokens_per_s"], default=None)
+            m = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+            lines.append(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {m} | {gpu} | {ref} |")
+    best = max((rows[k] for k in ("dpo-ray", "dpo-ray-varlen", "dpo-ray-flex") if k in rows), key=lambda r: r["tokens_per_s"], default=None)
     checks = []
     if best and "trl-pre" in rows:
-        trl = rows["trl-pre"]
+        trl_r = rows["trl-pre"]
         checks.append((f"dpo-ray ({best['name'].split(', ')[-1].rstrip(')')}) >= 1.5x TRL + precompute tokens/s",
-                       best["tokens_per_s"] / trl["tokens_per_s"], 1.5, True))
-        if best.get("peak_gpu_mb") and trl.get("peak_gpu_mb"):
-            checks.append(("peak GPU memory <= 0.6x TRL + precompute", best["peak_gpu_mb"] / trl["peak_gpu_mb"], 0.6, False))
-    if best:
-        checks.append((f"policy step MFU >= 40% ({b['model']}; the target is for ~1.5B)", 100 * best["mfu"], 40, True))
+                       best["tokens_per_s"] / trl_r["tokens_per_s"], 1.5, True))
+        if best.get("peak_gpu_mb") and trl_r.get("peak_gpu_mb"):
+            checks.append(("peak GPU memory <= 0.6x TRL + precompute", best["peak_gpu_mb"] / trl_r["peak_gpu_mb"], 0.6, False))
+    if best and best.get("mfu") is not None:
+        checks.append((f"policy step MFU >= 40% ({info.get('model') if info else ''}; the target is for ~1.5B)", 100 * best["mfu"], 40, True))
     m = res.get("maxlen", {}).get("rows", {})
     if m:
         lines += ["", "Longest max_length whose training step fits at batch 1 (tried: " + ", ".join(map(str, res["maxlen"]["lengths"])) + ")", ""]
@@ -202,7 +300,7 @@ def table(args) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=("e2e", "parity", "bench", "maxlen", "table"))
+    ap.add_argument("part", choices=("profile", "trl", "e2e", "parity", "bench", "maxlen", "table"))
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--log", type=Path, default=None)
@@ -212,7 +310,8 @@ def main() -> None:
         print(table(args))
         return
     s = sizes(args.device)
-    result = {"e2e": e2e, "parity": parity, "bench": bench, "maxlen": maxlen}[args.part](args, s)
+    args.log = args.log or args.work / "log"
+    result = {"profile": profile, "trl": trl, "e2e": e2e, "parity": parity, "bench": bench, "maxlen": maxlen}[args.part](args, s)
     save(args.work, args.part, result)
     if args.part == "e2e" and not result["ok"]:
         sys.exit(1)

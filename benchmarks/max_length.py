@@ -5,7 +5,7 @@ sequences are both exactly L tokens (prompt L/2, replies L/2), bf16 autocast ove
 tried in the given (rising) order until the first failure (out of memory, or any other error, which is named).
 After each probe one JSON line is printed (cumulative), so a probe killed at its time limit loses only itself.
 
-  dpo-ray-sdpa / dpo-ray-flex: the training forward (dpo_ray.forward.PolicyLogps, packed, reply-only head) + dpo_loss;
+  dpo-ray-sdpa / dpo-ray-varlen / dpo-ray-flex: the training forward (dpo_ray.forward.PolicyLogps, packed, reply-only head) + dpo_loss;
   trl-pre: benchmarks/trl_row.py (TRL DPOTrainer, precompute_ref_log_probs=True), max_length L, max_prompt_length L/2.
 
 python benchmarks/max_length.py '<spec json>'   spec: row, model_dir, lengths, device, work

@@ -32,6 +32,7 @@ from benchmarks.common import (MODELS, datasets, flops_model, forward_flops_per_
 TRAIN_ROWS = {  # key -> (script, extra spec)
     "dpo-ray": ("dpo_ray_rows.py train", {}),
     "dpo-ray-flex": ("dpo_ray_rows.py train", {"attention": "flex"}),  # FlexAttention for the packed pairs
+    "dpo-ray-varlen": ("dpo_ray_rows.py train", {"attention": "varlen"}),  # flash varlen_attn, the prompt's K/V copied per reply
     "seed": ("seed_loop.py", {}),
     "trl": ("trl_row.py", {"precompute_ref": False}),
     "trl-pre": ("trl_row.py", {"precompute_ref": True}),

@@ -174,9 +174,11 @@ class TrainConfig(_Strict):
     gpu_memory_gb: float | None = Field(None, gt=0, description=(
         "the GPU memory the memory plan is checked against; None: the GPU's own (asked from the cluster), no check on "
         "CPU-only runs; stated, it is checked on CPU runs too"))
-    attention: Literal["sdpa", "flex"] = Field("sdpa", description=(
-        "packed-pair attention, also for reference and eval scoring: sdpa (one SDPA call per block of pairs, a dense mask) "
-        "or flex (FlexAttention, one block mask per batch; compiled on CUDA, eager and slow on CPU)"))
+    attention: Literal["sdpa", "flex", "varlen"] = Field("sdpa", description=(
+        "packed-pair attention, also for reference and eval scoring: sdpa (one SDPA call per block of pairs, a dense mask), "
+        "flex (FlexAttention, one block mask per batch; compiled on CUDA, eager and slow on CPU) or varlen (flash "
+        "varlen_attn on CUDA, one call per layer, the prompt's keys/values copied for the rejected reply; per-sequence "
+        "SDPA on CPU)"))
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between Ray Train checkpoints")
     log_every: int = Field(10, ge=1, description="optimizer steps between progress lines (loss, rewards, tokens/s, ETA)")
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the last checkpoint when a worker dies")

@@ -59,14 +59,15 @@ class PolicyLogps(nn.Module):
         self.packed = packed and supports_packing(model)
         if attention not in packing.ATTENTIONS:
             raise ValueError(f"train.attention {attention!r}: choose one of {packing.ATTENTIONS}")
-        self.attention = attention  # packed kernel: "sdpa" (a dense mask per block of pairs) or "flex" (FlexAttention)
+        self.attention = attention  # packed kernel: "sdpa" (a dense mask per block of pairs), "flex" (FlexAttention), "varlen"
         if self.packed:
             model.set_attn_implementation(packing.register())  # plain SDPA for any call that is not a packed batch
 
     def collate(self, rows: dict, pad_id: int, device=None, extras: tuple[str, ...] = ()) -> dict:
         """A batch for forward(); with extras ("shared" and/or "wpo") forward also returns a dict of (2B,) tensors: the
         LD-DPO shared-part sums and the WPO log-weights of each sequence."""
-        batch = packing.pack_pairs(rows, self.attention) if self.packed else packing.pad_pairs(rows, pad_id)
+        on_gpu = device is not None and torch.device(device).type != "cpu"  # sdpa's block masks built there, not copied
+        batch = packing.pack_pairs(rows, self.attention, mask_device=device if on_gpu else None) if self.packed else packing.pad_pairs(rows, pad_id)
         batch["extras"] = tuple(extras)
         return packing.to_device(batch, device) if device is not None else batch
 
@@ -75,6 +76,8 @@ class PolicyLogps(nn.Module):
         kwargs = {"input_ids": ids, "position_ids": batch["position_ids"], "use_cache": False}
         if batch["attn_blocks"] is not None:
             kwargs.update(attention_mask=packing.placeholder_mask(ids.device), attn_blocks=batch["attn_blocks"])
+        elif batch.get("varlen") is not None:  # index tensors built once per batch in collate, shared by every layer
+            kwargs.update(attention_mask=packing.placeholder_mask(ids.device), varlen=batch["varlen"])
         elif batch.get("flex_index") is not None:  # one block mask per batch, shared by every layer
             kwargs.update(attention_mask=packing.placeholder_mask(ids.device), flex_mask=packing.flex_block_mask(batch["flex_index"]))
         else:
@@ -91,7 +94,7 @@ class PolicyLogps(nn.Module):
             logits = self.model(**kwargs).logits.flatten(0, 1)[batch["score_pos"]]
             per_token = token_logps(logits, batch["score_target"], sum_sq=wpo)
         per_token, log_sum_sq = per_token if wpo else (per_token, None)
-        sums, counts = gather_sums(per_token, batch["score_seq"], batch["n_seqs"])
+        sums, counts = gather_sums(per_token, batch["score_seq"], batch["n_seqs"], batch.get("score_counts"))
         if not extras:
             return sums, counts
         out = {}

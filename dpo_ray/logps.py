@@ -97,8 +97,8 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
     return gather_sums(per_token, rows, input_ids.shape[0])
 
 
-def gather_sums(per_token: torch.Tensor, rows: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scatter per-token log-probs back to their sequences: (B,) sums and (B,) counts."""
+def gather_sums(per_token: torch.Tensor, rows: torch.Tensor, batch: int, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scatter per-token log-probs back to their sequences: (B,) sums and (B,) counts. `counts` when the caller knows
+    them (collate counts them on the host): bincount on CUDA reads the device (it sizes its output by the max)."""
     sums = per_token.new_zeros(batch).index_add(0, rows, per_token)
-    counts = torch.bincount(rows, minlength=batch)
-    return sums, counts
+    return sums, counts if counts is not None else torch.bincount(rows, minlength=batch)

@@ -1,7 +1,7 @@
 """The memory plan: what one GPU (or, on CPU, one worker) holds for a strategy, computed before any model is loaded.
 
 Parameters are counted on the meta device from the model's config.json (no weights read). Bytes per parameter:
-fp32 master weights 4, fp32 gradients 4 (trainable ones only), AdamW's two fp32 moments 8 (trainable ones only);
+fp32 master weights 4 (LoRA with bf16 on ddp: the frozen base 2, as it is kept in bf16; the adapters 4), fp32 gradients 4 (trainable ones only), AdamW's two fp32 moments 8 (trainable ones only);
 fsdp divides all three by the workers, and cpu_offload moves them to host memory, leaving on the GPU the bf16 (or
 fp32) compute copies of the layers being gathered (two decoder layers: the current one and the prefetched next).
 Activations are an estimate for one micro-batch of batch_size_per_worker pairs at data.max_length (both sequences,
@@ -49,11 +49,12 @@ def plan(size: ModelSize, strategy: str, workers: int, cpu_offload: bool, bf16: 
     shards = workers if strategy == "fsdp" else 1
     on_gpu = 0 if cpu_offload else 1
     compute = 2 if bf16 else 4
+    base = 2 if bf16 and strategy == "ddp" and size.trainable < size.params else 4  # LoRA's frozen base in bf16 (parallel.bf16_base)
     tokens = 2 * pairs * max_length
     per_layer = 34 * tokens * size.hidden * (1 if bf16 else 2)
     activations = (size.layers * 2 * tokens * size.hidden + per_layer) if checkpointing else size.layers * per_layer
     out = {
-        "parameters": on_gpu * 4 * size.params // shards,
+        "parameters": on_gpu * (4 * size.trainable + base * (size.params - size.trainable)) // shards,
         "gradients": on_gpu * 4 * size.trainable // shards,
         "optimizer": on_gpu * 8 * size.trainable // shards,
         "gathered_layers": 2 * compute * size.params // max(size.layers, 1) if strategy == "fsdp" else 0,

@@ -10,19 +10,22 @@ def pair_accuracies(margins: torch.Tensor, tie_tolerance=0.0) -> torch.Tensor:
     return torch.where(margins.abs() <= tie_tolerance, 0.5, (margins > 0).double())
 
 
+NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+def metric_vector(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps, *, tie_tolerance=0.0) -> torch.Tensor:
+    """dpo_metrics' values (in NAMES order) as one float64 tensor on the inputs' device: read by the host in one go."""
+    margins = (chosen_rewards - rejected_rewards).double()
+    acc = pair_accuracies(margins, tie_tolerance)
+    return torch.stack([chosen_rewards.double().mean(), rejected_rewards.double().mean(), acc.mean(), margins.mean(),
+                        policy_chosen_logps.double().mean(), policy_rejected_logps.double().mean()])
+
+
 def dpo_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps, *, tie_tolerance=0.0) -> dict[str, float]:
     """Means over pairs, under TRL's names (without the train/ or eval/ prefix).
 
     `rewards/accuracies` counts a pair as 1 when chosen_reward > rejected_reward and as 0.5 when the
     margin is within `tie_tolerance` (a number, or one per pair) (so the reference scored against itself reads 0.5, not 0).
     """
-    margins = (chosen_rewards - rejected_rewards).double()
-    acc = pair_accuracies(margins, tie_tolerance)
-    return {
-        "rewards/chosen": chosen_rewards.double().mean().item(),
-        "rewards/rejected": rejected_rewards.double().mean().item(),
-        "rewards/accuracies": acc.mean().item(),
-        "rewards/margins": margins.mean().item(),
-        "logps/chosen": policy_chosen_logps.double().mean().item(),
-        "logps/rejected": policy_rejected_logps.double().mean().item(),
-    }
+    values = metric_vector(chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps, tie_tolerance=tie_tolerance)
+    return dict(zip(NAMES, values.tolist()))  # one read of the device, not one per metric

@@ -11,24 +11,33 @@ Either layout comes out as one dict the model wrapper (forward.PolicyLogps) take
   score_pos (N,) flat index into R*T of the positions whose logits are scored,
   score_target (N,) the token each of them predicts, score_seq (N,) its sequence (chosen 0..B-1, rejected B..2B-1),
   score_rank (N,) its index among its sequence's scored tokens (LD-DPO's split at the shorter reply's length),
+  score_counts (2B,) the scored positions of each sequence (counted here, so the device is never read for them),
   attn_blocks (packed, attention "sdpa"): (start, length, (L, L) bool mask) per block of consecutive pairs;
   flex_index (packed, attention "flex"): (3, N) int32 per position: its pair, and the start and end of the
-      chosen reply span it must not see (empty for chosen positions) -> flex_block_mask().
+      chosen reply span it must not see (empty for chosen positions) -> flex_block_mask();
+  varlen (packed, attention "varlen"): the prompt-once layout for flash varlen attention (varlen_index()): hidden
+      states stay shared [P, chosen, rejected tail] per pair; inside attention the keys and values are gathered
+      (kv_index) into [P, chosen, P, rejected tail], one sequence per reply: queries (P+c, r), keys (P+c, P+r), causal
+      aligned bottom-right. Built once per batch on the host, reused by every layer.
 Plus plain numbers for throughput accounting: tokens (real sequence tokens, chosen + rejected, the same
 for both layouts) and positions (token positions the model runs, padding included).
 Pure torch: no Ray, no MLflow.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 ATTENTION = "dpo_ray_packed"  # the transformers attention implementation name registered below
 BLOCK_TOKENS = 192  # packed positions per attention call (a longer pair gets a call of its own)
-ATTENTIONS = ("sdpa", "flex")  # packed kernels: SDPA per block with a dense mask; FlexAttention with a block mask
+ATTENTIONS = ("sdpa", "flex", "varlen")  # packed kernels: SDPA per block with a dense mask; FlexAttention with a block
+# mask; flash varlen_attn over the replies with the prompt's K/V copied to the rejected one (per-sequence SDPA on CPU)
 
 
 def shared_prefix(chosen: np.ndarray, rejected: np.ndarray) -> int:
@@ -118,14 +127,16 @@ def pad_pairs(batch: dict, pad_id: int) -> dict:
         seq.append(np.full(len(p), i))
     tokens = int(attn.sum())
     return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn), "position_ids": None,
-            **_scores(pos, tgt, seq), "attn_blocks": None, "flex_index": None, "n_seqs": len(seqs), "tokens": tokens, "positions": ids.size,
+            **_scores(pos, tgt, seq), "attn_blocks": None, "flex_index": None, "varlen": None, "n_seqs": len(seqs), "tokens": tokens, "positions": ids.size,
             **_refs(batch)}
 
 
-def pack_pairs(batch: dict, attention: str = "sdpa") -> dict:
+def pack_pairs(batch: dict, attention: str = "sdpa", mask_device=None) -> dict:
     """Rows of ragged chosen/rejected lists -> one packed (1, N) row with the prompt shared inside each pair.
 
-    attention "sdpa": per-block dense masks (attn_blocks); "flex": per-position indices for a FlexAttention block mask.
+    attention "sdpa": per-block dense masks (attn_blocks), built on the host, or with mask_device on that device from
+    an O(N) index (device_blocks: no (L, L) mask built on the host or copied); "flex": per-position indices for a
+    FlexAttention block mask; "varlen": index tensors for varlen attention (varlen_index).
     """
     if attention not in ATTENTIONS:
         raise ValueError(f"packed attention {attention!r}: choose one of {ATTENTIONS}")
@@ -147,9 +158,13 @@ def pack_pairs(batch: dict, attention: str = "sdpa") -> dict:
         off += len(c) + tail
         tokens += len(c) + len(r)
     flex = attention == "flex"
+    with record_function("dpo_ray.attention_masks"):
+        blocks = None if attention != "sdpa" else attention_blocks(layout) if mask_device is None else device_blocks(layout, mask_device)
+        index = flex_index(layout) if flex else None
+        varlen = varlen_index(layout) if attention == "varlen" else None
     return {"input_ids": torch.from_numpy(np.concatenate(ids))[None], "attention_mask": None,
             "position_ids": torch.from_numpy(np.concatenate(positions))[None], **_scores(pos, tgt, seq),
-            "attn_blocks": None if flex else attention_blocks(layout), "flex_index": flex_index(layout) if flex else None,
+            "attn_blocks": blocks, "flex_index": index, "varlen": varlen,
             "n_seqs": 2 * B, "tokens": tokens, "positions": off, **_refs(batch)}
 
 
@@ -157,19 +172,8 @@ def attention_blocks(layout: list[tuple[int, int, int, int]], budget: int | None
     """Consecutive pairs grouped into blocks of at most `budget` positions (a longer pair is a block alone), each
     with its (L, L) boolean mask: True where a query may attend. One attention call per block and layer: short
     pairs share a call (few kernel launches), long ones do not pay for masked-out positions of others."""
-    budget = budget or BLOCK_TOKENS
-    groups, cur, length = [], [], 0
-    for pair in layout:
-        n = pair[1] + pair[3]
-        if cur and length + n > budget:
-            groups.append(cur)
-            cur, length = [], 0
-        cur.append(pair)
-        length += n
-    if cur:
-        groups.append(cur)
     blocks = []
-    for g in groups:
+    for g in _block_groups(layout, budget):
         start = g[0][0]
         L = g[-1][0] + g[-1][1] + g[-1][3] - start
         mask = np.zeros((L, L), dtype=bool)
@@ -184,6 +188,37 @@ def attention_blocks(layout: list[tuple[int, int, int, int]], budget: int | None
     return blocks
 
 
+def _block_groups(layout: list[tuple[int, int, int, int]], budget: int | None) -> list[list[tuple[int, int, int, int]]]:
+    budget = budget or BLOCK_TOKENS
+    groups, cur, length = [], [], 0
+    for pair in layout:
+        n = pair[1] + pair[3]
+        if cur and length + n > budget:
+            groups.append(cur)
+            cur, length = [], 0
+        cur.append(pair)
+        length += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def device_blocks(layout: list[tuple[int, int, int, int]], device, budget: int | None = None) -> list[tuple[int, int, torch.Tensor]]:
+    """attention_blocks' blocks with their masks built on `device` from the (3, N) flex_index (one small copy), by the
+    FlexAttention rule: same pair, causal, outside the hole. A few elementwise kernels per block and batch, shared by
+    every layer; the host does O(N) work instead of O(L^2)."""
+    index = flex_index(layout).to(device, non_blocking=True)
+    blocks = []
+    for g in _block_groups(layout, budget):
+        start = g[0][0]
+        L = g[-1][0] + g[-1][1] + g[-1][3] - start
+        pair, hole_start, hole_end = index[:, start : start + L].unsqueeze(-1).unbind(0)  # (L, 1) each: per query
+        kv = torch.arange(start, start + L, device=index.device)
+        mask = (pair == pair.T) & (kv <= kv[:, None]) & ((kv < hole_start) | (kv >= hole_end))
+        blocks.append((start, L, mask))
+    return blocks
+
+
 def flex_index(layout: list[tuple[int, int, int, int]]) -> torch.Tensor:
     """(3, N) int32: each position's pair, and the [start, end) of the chosen positions it may not attend to
     (a rejected tail skips the chosen reply, i.e. chosen positions s..lc-1 of its pair; chosen positions skip none)."""
@@ -193,6 +228,25 @@ def flex_index(layout: list[tuple[int, int, int, int]]) -> torch.Tensor:
         out[0, off : off + lc + tail] = i
         out[1:, off + lc : off + lc + tail] = [[off + s], [off + lc]]
     return torch.from_numpy(out)
+
+
+def varlen_index(layout: list[tuple[int, int, int, int]]) -> dict:
+    """The varlen layout of a packed row: its positions are the queries, in order [chosen, rejected tail] per pair (a
+    rejected sequence with no tail of its own has no query and is left out); the keys and values are gathered from the
+    row by kv_index into [chosen, shared prefix, rejected tail] per pair. cu_seq_q / cu_seq_k (int32) delimit the
+    sequences (chosen: P+c queries and keys; rejected: r queries, P+r keys), max_q / max_k are plain ints (no device
+    read), and segments the same bounds as Python ints for the CPU stand-in."""
+    kv, q_lens, k_lens = [], [], []
+    for off, lc, s, tail in layout:
+        kv.append(np.arange(off, off + lc))
+        q_lens.append(lc), k_lens.append(lc)
+        if tail:
+            kv += [np.arange(off, off + s), np.arange(off + lc, off + lc + tail)]
+            q_lens.append(tail), k_lens.append(s + tail)
+    cu_q, cu_k = np.cumsum([0] + q_lens), np.cumsum([0] + k_lens)
+    segments = [(int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])) for i in range(len(q_lens))]
+    return {"kv_index": torch.from_numpy(np.concatenate(kv).astype(np.int64)), "cu_seq_q": torch.from_numpy(cu_q.astype(np.int32)),
+            "cu_seq_k": torch.from_numpy(cu_k.astype(np.int32)), "max_q": int(max(q_lens)), "max_k": int(max(k_lens)), "segments": segments}
 
 
 def flex_block_mask(index: torch.Tensor):
@@ -212,13 +266,17 @@ def flex_block_mask(index: torch.Tensor):
 def _scores(pos, tgt, seq) -> dict:
     """Each entry of pos/tgt/seq is one sequence's scored tokens in order: score_rank is a token's index in its reply."""
     cat = lambda xs: torch.from_numpy(np.concatenate(xs).astype(np.int64))  # noqa: E731
-    return {"score_pos": cat(pos), "score_target": cat(tgt), "score_seq": cat(seq), "score_rank": cat([np.arange(len(p)) for p in pos])}
+    counts = torch.from_numpy(np.bincount(np.concatenate(seq).astype(np.int64), minlength=len(seq)))  # seq: one array a sequence
+    return {"score_pos": cat(pos), "score_target": cat(tgt), "score_seq": cat(seq), "score_counts": counts,
+            "score_rank": cat([np.arange(len(p)) for p in pos])}
 
 
 def to_device(batch: dict, device) -> dict:
     out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if batch.get("attn_blocks"):
         out["attn_blocks"] = [(a, n, m.to(device, non_blocking=True)) for a, n, m in batch["attn_blocks"]]
+    if batch.get("varlen"):
+        out["varlen"] = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch["varlen"].items()}
     return out
 
 
@@ -261,14 +319,66 @@ def _no_score_mod(score, b, h, q, kv):
     return score
 
 
+@functools.cache
+def _varlen_kernel():
+    """torch's varlen_attn and the keyword arguments its version takes: causal is window_size=(-1, 0) from torch 2.12
+    (is_causal=True before); scale and enable_gqa are missing in some versions (then q is prescaled, K/V heads repeated)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_kwargs(params, scale: float | None, head_dim: int, gqa: bool) -> tuple[dict, float, bool]:
+    """(keyword arguments, factor to multiply the queries by, whether to repeat the K/V heads) for a varlen_attn whose
+    parameters are `params`: causal, bottom-right aligned, at `scale`, grouped-query when the kernel can."""
+    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    factor = 1.0
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif scale is not None:
+        factor = scale * head_dim**0.5  # the kernel's own scale is 1/sqrt(head_dim)
+    repeat = gqa and "enable_gqa" not in params
+    if gqa and not repeat:
+        kwargs["enable_gqa"] = True
+    return kwargs, factor, repeat
+
+
+def varlen_attention(query, key, value, varlen: dict, scale=None) -> torch.Tensor:
+    """Attention for the varlen layout: query (1, H, N, D), key/value (1, Hkv, N, D) -> (1, N, H, D). The keys and values
+    are un-shared by one gather (the prompt's K/V copied for the rejected reply: no extra compute; its gradient sums
+    both copies). On CUDA in bf16/fp16 one flash varlen_attn call for the whole row; elsewhere (CPU, fp32) one SDPA
+    call per sequence with the same bottom-right causal rule, the stand-in the equality tests compare."""
+    q = query[0].transpose(0, 1).contiguous()  # (N, H, D): already contiguous, transformers made query by a transpose
+    ix = varlen["kv_index"]
+    k, v = key[0].transpose(0, 1).index_select(0, ix), value[0].transpose(0, 1).index_select(0, ix)  # (Tk, Hkv, D)
+    gqa = q.shape[1] != k.shape[1]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        kernel, params = _varlen_kernel()
+        kwargs, factor, repeat = varlen_kwargs(params, scale, q.shape[-1], gqa)
+        if repeat:
+            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+        out = kernel(q * factor if factor != 1.0 else q, k, v, varlen["cu_seq_q"], varlen["cu_seq_k"], varlen["max_q"], varlen["max_k"], **kwargs)
+        return (out[0] if isinstance(out, tuple) else out)[None]  # (output, lse) from versions that return both
+    outs = []
+    for q0, q1, k0, k1 in varlen["segments"]:
+        lq, lk = q1 - q0, k1 - k0
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)  # causal, aligned bottom-right
+        outs.append(F.scaled_dot_product_attention(q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1),
+                                                   attn_mask=mask, scale=scale, enable_gqa=gqa).transpose(0, 1))
+    return torch.cat(outs)[None]
+
+
 def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, attn_blocks=None, flex_mask=None,
-                     **kwargs):
+                     varlen=None, **kwargs):
     """transformers attention function for packed pairs; without attn_blocks or flex_mask it is plain SDPA attention.
 
     query (1, H, N, D), key/value (1, Hkv, N, D) -> (1, N, H, D). With attn_blocks: one SDPA call per block of pairs,
     with the block's mask (each chosen sequence causal over itself; each rejected tail over the shared prefix and
-    itself). With flex_mask: one FlexAttention call over the whole row with that block mask (the same rule).
+    itself). With flex_mask: one FlexAttention call over the whole row with that block mask (the same rule). With
+    varlen: varlen_attention (the same rule, the rejected reply's keys a copy of the prompt's and its own).
     """
+    if varlen is not None:
+        return varlen_attention(query, key, value, varlen, scale=scaling), None
     gqa = query.shape[1] != key.shape[1]
     if flex_mask is not None:
         out = flex(query, key, value, block_mask=flex_mask, scale=scaling, enable_gqa=gqa)

@@ -47,19 +47,41 @@ def shard(wrapper: nn.Module, bf16: bool, cpu_offload: bool) -> None:
     fully_shard(wrapper, **kwargs)
 
 
+def bf16_base(t, bf16: bool) -> bool:
+    """LoRA with bf16 on ddp: the frozen base is loaded and kept in bf16 (it needs no fp32 master copy: it is never
+    updated), the adapters in fp32 (peft upcasts them), computed in bf16 autocast. Half the base's memory; the
+    reference and evaluation scorers then load the model in bf16 too (scoring_precision), so step 1 still reads ln 2.
+    With fsdp the base stays fp32 and FSDP2 makes the bf16 compute copies (one dtype per sharded group)."""
+    return bool(bf16) and t.lora is not None and t.strategy == "ddp"
+
+
+def scores_in_bf16_weights(t, bf16: bool) -> bool:
+    """Whether the policy computes with bf16 weights (fsdp's bf16 compute copies, or LoRA's bf16 base): the reference
+    and evaluation scorers then load the model in bf16, to read the policy's own numbers at step 1."""
+    return bool(bf16) and (t.strategy == "fsdp" or bf16_base(t, bf16))
+
+
+def load_policy_model(cfg, policy_path: str, rank: int, bf16: bool) -> nn.Module:
+    """The HF (or peft) model a worker trains, before wrapping: rank 0's weights (other fsdp ranks: meta), LoRA
+    adapters (on a bf16 base when bf16_base), activation checkpointing."""
+    t, m = cfg.train, cfg.model
+    if t.strategy == "fsdp" and rank != 0:
+        model = empty_model(policy_path, m.trust_remote_code, m.hf_token)  # a tied head is one parameter on every rank
+    else:
+        model = load_model(policy_path, m.trust_remote_code, token=m.hf_token, **({"dtype": torch.bfloat16} if bf16_base(t, bf16) else {}))
+    if t.lora is not None:
+        model = add_lora(model, t.lora)  # rank 0's adapters are the ones every rank gets (broadcast below); fp32
+    if t.gradient_checkpointing:  # for long sequences: each decoder layer's activations recomputed in backward
+        enable_activation_checkpointing(model)
+    return model
+
+
 def build_policy(cfg, policy_path: str, rank: int, world: int, device: torch.device, bf16: bool):
     """(policy, wrapper, model): `policy` is what the loop calls and steps, `wrapper` the PolicyLogps (its collate),
     `model` the HF (or peft) model inside, for checkpoints and export."""
-    t, m = cfg.train, cfg.model
+    t = cfg.train
     fsdp = t.strategy == "fsdp"
-    if fsdp and rank != 0:
-        model = empty_model(policy_path, m.trust_remote_code, m.hf_token)  # a tied head is one parameter on every rank
-    else:
-        model = load_model(policy_path, m.trust_remote_code, token=m.hf_token)
-    if t.lora is not None:
-        model = add_lora(model, t.lora)  # rank 0's adapters are the ones every rank gets (broadcast below)
-    if t.gradient_checkpointing:  # for long sequences: each decoder layer's activations recomputed in backward
-        enable_activation_checkpointing(model)
+    model = load_policy_model(cfg, policy_path, rank, bf16)
     wrapper = PolicyLogps(model, attention=t.attention)  # packed pairs (prompt once per pair, no padding) when the model allows
     if not fsdp:
         import ray.train.torch

@@ -6,7 +6,8 @@ min(|chosen|, |rejected|) reply tokens: any train.ld_alpha reads them from one p
 Used by the reference stage (prefix "ref_") and by evaluation (prefix "policy_"). The model is loaded
 once per actor and kept across batches; forward only, under inference_mode, in the policy's own numerics:
 fp32 weights, and bf16 autocast where training uses it (train.bf16), through the same PolicyLogps forward; with
-train.strategy=fsdp and bf16, bf16 weights, as FSDP2's mixed precision computes with bf16 copies of them.
+train.strategy=fsdp and bf16, bf16 weights, as FSDP2's mixed precision computes with bf16 copies of them; likewise
+with LoRA and bf16, whose frozen base is kept in bf16 (dpo_ray.parallel.scores_in_bf16_weights).
 So at step 1 the policy reads the reference's numbers up to batch-shape rounding: rewards and margins
 start at zero and the loss at ln 2 (with bf16 weights instead, the two would differ by bf16 weight rounding).
 """
@@ -39,7 +40,7 @@ class LogpsScorer:
         if self.device.type == "cpu":
             torch.set_num_threads(threads or os.cpu_count() or 1)
         split = torch.cuda.device_count() > 1  # reference.gpus_per_actor > 1: the layers spread over this actor's GPUs
-        dtype = torch.bfloat16 if bf16 and bf16_weights else torch.float32  # bf16 weights: as FSDP2's bf16 compute copies
+        dtype = torch.bfloat16 if bf16 and bf16_weights else torch.float32  # bf16 weights: FSDP2's compute copies, LoRA's bf16 base
         model = load_model(model_path, trust_remote_code, dtype=dtype, token=token, **({"device_map": "auto"} if split else {}))
         if split:
             placed = sorted(set(str(v) for v in model.hf_device_map.values()))

@@ -23,12 +23,13 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from . import checkpoint, parallel
 from .config import Config
 from .forward import autocast, use_bf16
 from .losses import combine, ld_logps, loss_terms
-from .metrics import dpo_metrics
+from .metrics import NAMES, metric_vector
 from .packing import token_budget_groups
 from .rows import RowIndex, RowReader, as_lists, prefetched, step_positions
 from .tracking import run_logger, system_metrics
@@ -63,8 +64,8 @@ def split_to(groups: list[list[int]], n: int) -> list[list[int]]:
     return groups
 
 
-def max_over_workers(n: int) -> int:
-    x = torch.tensor([n])
+def max_over_workers(n: int, device=None) -> int:
+    x = torch.tensor([n], device=device)  # on the worker's device: NCCL reduces device tensors only
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return int(x.item())
 
@@ -148,6 +149,66 @@ def host_memory_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def train_step(policy, wrapper, optimizer, table, t, pad_id: int, device, precision=nullcontext(), world: int = 1, fsdp: bool = False,
+               spec=None):
+    """One optimizer step of this worker on its pairs of the step (`table`): micro-batches (collate, forward, loss,
+    backward; gradients reduced across workers on the last), clip, AdamW. `spec`: the loss (dpo_ray.losses.LossSpec;
+    default t.loss). Returns (this worker's metrics, or None when the loss or gradient was not finite on some worker and
+    the update was skipped; this worker's real tokens of the step). The metrics are means over the workers (equal pair
+    counts), "tokens" their sum: one all-reduce and one read of the device a step (no per-micro-batch or per-metric
+    sync). The phases are marked for torch.profiler (dpo_ray.collate / forward / backward / optimizer):
+    benchmarks/profile_step.py."""
+    spec = spec or t.loss
+    groups = micro_batches(table["pair_tokens"].to_pylist(), t.batch_size_per_worker, t.max_tokens_per_micro_batch)
+    if fsdp and world > 1 and t.max_tokens_per_micro_batch:  # every forward all-gathers: the same count on every rank
+        groups = split_to(groups, max_over_workers(len(groups), device))
+    tokens_per_pair = scored_tokens(table["chosen_loss_mask"].to_pylist()) / table.num_rows if {"sft", "orpo"} & set(spec.types) else 1.0
+    extras = loss_extras(spec)
+
+    def collate(idx):
+        with record_function("dpo_ray.collate"):
+            return wrapper.collate(as_lists(table, idx), pad_id, device, extras=extras)
+
+    # gradients reduced once per step: on the last micro-batch (each worker has one, however many it has)
+    sync = lambda last: parallel.sync_gradients(policy, world, last_micro=last)  # noqa: E731
+    parts, tokens = [], 0
+    if spec.batch_coupled and len(groups) > 1:  # aot's sort couples the step's pairs: two passes (coupled_step)
+        batches = [collate(idx) for idx in groups]
+        tokens = sum(b["tokens"] for b in batches)
+        with record_function("dpo_ray.forward_backward"):
+            parts.append(coupled_step(policy, batches, spec, tokens_per_pair, precision, sync))
+    else:
+        for micro, idx in enumerate(groups):
+            batch = collate(idx)
+            tokens += batch["tokens"]  # real tokens of the chosen and rejected sequences (prompt counted in both)
+            with sync(micro == len(groups) - 1):
+                with record_function("dpo_ray.forward"):
+                    loss, losses, terms, cr, rr, pc, pr = micro_loss(policy, batch, spec, table.num_rows, tokens_per_pair, precision)
+                with record_function("dpo_ray.backward"):
+                    loss.backward()
+            parts.append((losses.detach(), {k: v.detach() for k, v in terms.items()}, cr, rr, pc.detach(), pr.detach()))
+    with record_function("dpo_ray.optimizer"):
+        grad_norm = parallel.clip_gradients(policy, t.max_grad_norm)
+        losses, cr, rr, pc, pr = (torch.cat([p[i] for p in parts]) for i in (0, 2, 3, 4, 5))
+        names = [f"loss/{k}" for k in spec.types] if len(spec.types) > 1 else []  # each term, when there are several
+        terms = [torch.cat([p[1][k] for p in parts]).mean().double().reshape(1) for k in spec.types] if names else []
+        # the finite check and the metrics in one device vector, summed over workers, read by the host once a step
+        bad = (~torch.isfinite(grad_norm)) | (~torch.isfinite(losses).all())
+        stats = torch.cat([bad.double().reshape(1), losses.mean().double().reshape(1), *terms, metric_vector(cr, rr, pc, pr),
+                           grad_norm.detach().double().reshape(1), torch.tensor([float(tokens)], dtype=torch.float64).to(grad_norm.device)])
+        if world > 1:
+            dist.all_reduce(stats)
+        values = stats.tolist()
+        if values[0] > 0:  # a worker's loss or the gradient is not finite: skip the update everywhere
+            optimizer.zero_grad(set_to_none=True)  # the weights stay as they were
+            return None, tokens
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    m = dict(zip(("loss", *names, *NAMES, "grad_norm"), (v / world for v in values[1:-1])))  # means over workers (equal pair counts)
+    m["tokens"] = values[-1]  # summed over workers
+    return m, tokens
+
+
 def train_loop_per_worker(config: dict) -> None:
     cfg = Config.model_validate(config["cfg"])
     t = cfg.train
@@ -179,7 +240,6 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = parallel.make_optimizer(policy, t, device)
     precision = autocast(bf16, device)  # the reference and evaluation scorers compute the same way (dpo_ray.scoring)
     spec = t.loss  # the loss terms and their settings (dpo_ray.losses.LossSpec)
-    extras, spec_nll = loss_extras(spec), bool({"sft", "orpo"} & set(spec.types))
     start_step, loss_first = 0, None
     ckpt = ray.train.get_checkpoint() or (ray.train.Checkpoint(t.resume_from) if t.resume_from else None)  # Ray's own first
     if ckpt:
@@ -206,33 +266,13 @@ def train_loop_per_worker(config: dict) -> None:
     nonfinite, t_start, step_times, last, window = 0, time.time(), [], {}, []
     for step in range(start_step, total_steps):
         t0 = time.time()
-        table = next(batches)  # this rank's bs x accum pairs of the step, read ahead
+        with record_function("dpo_ray.read"):  # waits for the prefetch thread only when it is behind
+            table = next(batches)  # this rank's bs x accum pairs of the step, read ahead
         lr = lr_at(step, total_steps, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        groups = micro_batches(table["pair_tokens"].to_pylist(), bs, t.max_tokens_per_micro_batch)
-        if fsdp and world > 1 and t.max_tokens_per_micro_batch:  # every forward all-gathers: the same count on every rank
-            groups = split_to(groups, max_over_workers(len(groups)))
-        tokens_per_pair = scored_tokens(table["chosen_loss_mask"].to_pylist()) / table.num_rows if spec_nll else 1.0
-        batches_ = [wrapper.collate(as_lists(table, idx), config["pad_id"], device, extras=extras) for idx in groups]
-        tokens = sum(b["tokens"] for b in batches_)  # real tokens of the chosen and rejected sequences (prompt counted in both)
-        # gradients reduced once per step: on the last micro-batch (each worker has one, however many it has)
-        sync = lambda last: parallel.sync_gradients(policy, world, last_micro=last)  # noqa: E731
-        if spec.batch_coupled and len(batches_) > 1:
-            parts = [coupled_step(policy, batches_, spec, tokens_per_pair, precision, sync)]
-        else:
-            parts = []
-            for micro, batch in enumerate(batches_):
-                with sync(micro == len(batches_) - 1):
-                    loss, *rest = micro_loss(policy, batch, spec, table.num_rows, tokens_per_pair, precision)
-                    loss.backward()
-                losses, terms, cr, rr, pc, pr = rest
-                parts.append((losses.detach(), {k: v.detach() for k, v in terms.items()}, cr, rr, pc.detach(), pr.detach()))
-        grad_norm = parallel.clip_gradients(policy, t.max_grad_norm)
-        losses, cr, rr, pc, pr = (torch.cat([p[i] for p in parts]) for i in (0, 2, 3, 4, 5))
-        terms = {k: torch.cat([p[1][k] for p in parts]) for k in spec.types}
-        if not (torch.isfinite(grad_norm) and torch.isfinite(losses).all()):
-            optimizer.zero_grad(set_to_none=True)  # skip the update: the weights stay as they were
+        m, tokens = train_step(policy, wrapper, optimizer, table, t, config["pad_id"], device, precision, world, fsdp, spec)
+        if m is None:  # non-finite loss or gradient: the update was skipped, the weights stay as they were
             nonfinite += 1
             log.warning("rank %d step %d: non-finite loss or gradient, update skipped (%d in a row)", rank, step + 1, nonfinite)
             if nonfinite >= t.max_nonfinite_steps:
@@ -240,26 +280,20 @@ def train_loop_per_worker(config: dict) -> None:
                                          f"the last good checkpoint is kept; lower train.lr or check the data")
             continue
         nonfinite = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-        # metrics: this worker's pairs, then the mean over workers (equal pair counts per worker)
-        m = {"loss": losses.mean().item(), **({f"loss/{k}": v.mean().item() for k, v in terms.items()} if len(terms) > 1 else {}),
-             **dpo_metrics(cr, rr, pc, pr), "grad_norm": float(grad_norm), "learning_rate": lr}
-        vec = torch.tensor(list(m.values()) + [tokens], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(vec)
-            vec[:-1] /= world
-        m = dict(zip(m, vec[:-1].tolist()))
+        # metrics: means over workers from train_step; peaks: the largest worker's
+        m["learning_rate"] = lr
         step_times.append(time.time() - t0)
-        m["tokens_per_second"] = vec[-1].item() / step_times[-1]
+        m["tokens_per_second"] = m.pop("tokens") / step_times[-1]
         m["step_seconds"] = step_times[-1]
-        peaks = torch.tensor([host_memory_peak_mb(), torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0])
-        if world > 1:  # the largest worker's peaks: host RSS, and allocated GPU memory so far
+        peaks = [host_memory_peak_mb(), torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0]
+        if world > 1:  # the largest worker's peaks: host RSS, and allocated GPU memory so far (on the device: NCCL's too)
+            peaks = torch.tensor(peaks, dtype=torch.float64, device=device)
             dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
-        m["host_memory_peak_mb"] = peaks[0].item()
+            peaks = peaks.tolist()
+        m["host_memory_peak_mb"] = peaks[0]
         if device.type == "cuda":
-            m["gpu_peak_memory_mb"] = peaks[1].item()
+            m["gpu_peak_memory_mb"] = peaks[1]
         loss_first = m["loss"] if loss_first is None else loss_first
         tracker.log_metrics({f"train/{k}": v for k, v in m.items()}, step=step + 1)
         last = m

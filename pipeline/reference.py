@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from dpo_ray.forward import use_bf16
 from dpo_ray.model import fingerprint_model
 from dpo_ray.packing import pair_tokens
+from dpo_ray.parallel import scores_in_bf16_weights
 from dpo_ray.scoring import LogpsScorer, scoring_precision
 
 from . import console
@@ -91,9 +92,10 @@ def scoring_bf16(cfg, use_gpu: bool) -> bool:
 
 
 def scoring_precision_of(cfg, use_gpu: bool) -> dict:
-    """The scorer's precision arguments: the policy's numerics (fsdp with bf16 computes with bf16 parameter copies)."""
+    """The scorer's precision arguments: the policy's numerics (fsdp with bf16 computes with bf16 parameter copies, LoRA
+    with bf16 keeps its frozen base in bf16: dpo_ray.parallel.scores_in_bf16_weights)."""
     bf16 = scoring_bf16(cfg, use_gpu)
-    return {"bf16": bf16, "bf16_weights": bf16 and cfg.train.strategy == "fsdp"}
+    return {"bf16": bf16, "bf16_weights": scores_in_bf16_weights(cfg.train, bf16)}  # fsdp, or LoRA's bf16 base
 
 
 def add_pair_tokens(table: pa.Table) -> pa.Table:

@@ -40,13 +40,13 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 def _policy(model, path: str, head: str):
     from dpo_ray.forward import PolicyLogps
 
-    attention = "flex" if path == "packed-flex" else "sdpa"
+    attention = {"packed-flex": "flex", "packed-varlen": "varlen"}.get(path, "sdpa")
     return PolicyLogps(model, reply_only_head=head == "reply-head", packed=path != "padded", attention=attention)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("head", ["reply-head", "full-head"])
-@pytest.mark.parametrize("path", ["packed-sdpa", "packed-flex", "padded"])
+@pytest.mark.parametrize("path", ["packed-sdpa", "packed-flex", "packed-varlen", "padded"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_logps_on_device_equal_float64(device, arch, path, head, precision):
     from dpo_ray.forward import autocast
@@ -72,7 +72,7 @@ def _float64_grads(rows):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("path", ["packed-sdpa", "packed-flex"])
+@pytest.mark.parametrize("path", ["packed-sdpa", "packed-flex", "packed-varlen"])
 def test_gradients_on_device_equal_float64(device, path, precision):
     from dpo_ray.forward import autocast
 
@@ -94,7 +94,7 @@ def qwen_dir(tmp_path_factory, demo_model) -> str:
     return build_qwen2(tmp_path_factory.mktemp("qwen2-small"), demo_model)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+@pytest.mark.parametrize("attention", ["sdpa", "flex", "varlen"])
 def test_reference_stage_reads_the_training_forward_at_step_1(device, qwen_dir, attention, tmp_path):
     """The reference stage's scorer against the training forward on the same pairs, in bf16 autocast: the loss is
     ln 2 and the margins 0 up to batch-shape rounding (|loss - ln 2| < 2e-3, mean |margin| < 1e-2 at beta 0.1)."""

@@ -91,12 +91,12 @@ def _alone_float64(model, rows):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("packed", ["packed", "packed-small-blocks", "packed-flex", "padded"])
+@pytest.mark.parametrize("packed", ["packed", "packed-small-blocks", "packed-flex", "packed-varlen", "padded"])
 @pytest.mark.parametrize("reply_only_head", [True, False], ids=["reply-head", "full-head"])
 def test_every_fast_path_equals_plain_float64(arch, packed, reply_only_head, monkeypatch):
     if packed == "packed-small-blocks":  # attention blocks of a few pairs and of one long pair alone
         monkeypatch.setattr(packing, "BLOCK_TOKENS", 24)
-    attention = "flex" if packed == "packed-flex" else "sdpa"
+    attention = {"packed-flex": "flex", "packed-varlen": "varlen"}.get(packed, "sdpa")
     packed = packed != "padded"
     model = _tiny_model(arch)
     rows = _ragged_batch()
@@ -110,7 +110,10 @@ def test_every_fast_path_equals_plain_float64(arch, packed, reply_only_head, mon
     assert counts.tolist() == want_counts
     seqs = rows["chosen_input_ids"] + rows["rejected_input_ids"]
     assert batch["tokens"] == sum(len(s) for s in seqs)
-    if packed and attention == "flex":  # one row, no dense mask; the block mask's rule is checked in test_flex_block_mask
+    if packed and attention == "varlen":  # one row, no mask at all: index tensors; the rule is checked in test_varlen_layout
+        assert batch["attn_blocks"] is None and batch["flex_index"] is None and batch["varlen"]["cu_seq_q"][-1] == batch["positions"]
+        assert batch["input_ids"].shape[0] == 1 and batch["positions"] == batch["input_ids"].shape[1] < batch["tokens"]
+    elif packed and attention == "flex":  # one row, no dense mask; the block mask's rule is checked in test_flex_block_mask
         assert batch["attn_blocks"] is None and batch["flex_index"].shape == (3, batch["positions"])
         assert batch["input_ids"].shape[0] == 1 and batch["positions"] == batch["input_ids"].shape[1] < batch["tokens"]
     elif packed:  # no padding, and the shared prefixes are computed once
@@ -133,6 +136,47 @@ def test_flex_block_mask_is_the_dense_mask():
     got = create_mask(block_mask.mask_mod, None, None, n, n, device="cpu")[0, 0]
     assert got.shape == want.shape and torch.equal(got, want)
     assert block_mask.shape[-2:] == (n, n)
+
+
+@pytest.mark.parametrize("block_tokens", [192, 24])
+def test_device_built_block_masks_equal_the_host_ones(block_tokens, monkeypatch):
+    """sdpa's block masks built from the O(N) index on a device (here the CPU) equal the host-built dense ones."""
+    monkeypatch.setattr(packing, "BLOCK_TOKENS", block_tokens)
+    rows = _ragged_batch()
+    host, dev = packing.pack_pairs(rows, "sdpa")["attn_blocks"], packing.pack_pairs(rows, "sdpa", mask_device="cpu")["attn_blocks"]
+    assert len(host) == len(dev) >= (1 if block_tokens > 100 else 4)
+    for (a, n, m), (b, k, d) in zip(host, dev):
+        assert (a, n) == (b, k) and d.dtype == torch.bool and torch.equal(m, d)
+
+
+def test_varlen_layout_is_the_dense_mask():
+    """What each query of the varlen layout sees (its sequence's keys, causal from the bottom right, mapped back to row
+    positions through kv_index) is the SDPA path's dense mask: chosen causal over itself, a rejected tail over the
+    shared prefix and itself; the sequences are [P+c, r] queries and [P+c, P+r] keys per pair."""
+    rows = _ragged_batch()
+    (_, n, want), = packing.pack_pairs(rows, "sdpa")["attn_blocks"]
+    v = packing.pack_pairs(rows, "varlen")["varlen"]
+    got = torch.zeros(n, n, dtype=torch.bool)
+    for q0, q1, k0, k1 in v["segments"]:
+        keys = v["kv_index"][k0:k1]
+        for i in range(q1 - q0):
+            got[q0 + i, keys[: i + 1 + (k1 - k0) - (q1 - q0)]] = True
+    assert torch.equal(got, want)
+    assert v["cu_seq_q"].dtype == v["cu_seq_k"].dtype == torch.int32 and v["cu_seq_q"][-1] == n
+    lens_q, lens_k = v["cu_seq_q"].diff().tolist(), v["cu_seq_k"].diff().tolist()
+    assert v["max_q"] == max(lens_q) and v["max_k"] == max(lens_k) and v["kv_index"].numel() == v["cu_seq_k"][-1]
+    c, r = rows["chosen_input_ids"][0], rows["rejected_input_ids"][0]  # first pair: prompt 5, replies 4 and 9
+    assert lens_q[:2] == [len(c), 9] and lens_k[:2] == [len(c), len(r)]
+
+
+def test_varlen_kwargs_follow_the_kernel_signature():
+    """torch 2.12+ (window_size, scale, enable_gqa) and an older varlen_attn (is_causal; no scale, no enable_gqa)."""
+    new = {"query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "scale", "window_size", "enable_gqa"}
+    assert packing.varlen_kwargs(new, 0.125, 64, gqa=True) == ({"window_size": (-1, 0), "scale": 0.125, "enable_gqa": True}, 1.0, False)
+    old = {"query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "is_causal"}
+    kwargs, factor, repeat = packing.varlen_kwargs(old, 0.1, 64, gqa=True)
+    assert kwargs == {"is_causal": True} and repeat and abs(factor - 0.1 * 8) < 1e-12
+    assert packing.varlen_kwargs(old, None, 64, gqa=False) == ({"is_causal": True}, 1.0, False)
 
 
 @pytest.mark.parametrize("chunk", [1024, 5], ids=["one-chunk", "many-chunks"])
@@ -161,7 +205,7 @@ def test_reply_head_keeps_at_most_one_chunk_of_logits(chunk, monkeypatch):
     assert 0 < logits_kept <= min(chunk, N) * V, (saved, chunk)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+@pytest.mark.parametrize("attention", ["sdpa", "flex", "varlen"])
 def test_packed_gradients_match_padded_plain_path(attention):
     """Packed + reply-only head, with and without gradient checkpointing, against the padded full-logits path."""
     rows = _ragged_batch()
