@@ -17,8 +17,20 @@ def closing():
     console.close()
 
 
-def test_progress_dumps_go_to_the_log_file_and_warnings_reach_the_console(tmp_path, closing, capsys):
+def library_streams_to_this_test(monkeypatch) -> None:
+    """The libraries' console handlers, made when an earlier test first imported them, hold the stream pytest captured
+    then: pointed at this test's stderr, as in a fresh CLI process (monkeypatch gives the old ones back)."""
+    import sys
+
+    for n in console.LIBRARY_LOGGERS:
+        for h in logging.getLogger(n).handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) and not type(h).__module__.startswith("_pytest"):
+                monkeypatch.setattr(h, "stream", sys.stderr)  # not setStream: it flushes the old one, maybe closed
+
+
+def test_progress_dumps_go_to_the_log_file_and_warnings_reach_the_console(tmp_path, closing, capsys, monkeypatch):
     run_log = console.setup(tmp_path / "out", "run")
+    library_streams_to_this_test(monkeypatch)
     progress = logging.getLogger("ray.data._internal.progress.logging_progress")
     progress.info("======= Running Dataset: dataset_x =======")
     logging.getLogger("ray.data._internal.execution.streaming_executor").info("Starting execution of Dataset dataset_x")
