@@ -405,6 +405,9 @@ def run_tuner(cfg: Config, space: dict, ctx: dict, out_dir: Path, use_gpu: bool)
     scheduler = (ASHAScheduler(time_attr="step", metric=s.scheduler_metric, mode=s.scheduler_mode, max_t=total + 1,
                                grace_period=s.eval_every, reduction_factor=s.reduction_factor, stop_last_trials=False)
                  if s.scheduler == "asha" else None)
+    if scheduler:
+        log.warning("sweep: with Ray 2.60 a trial started after ASHA stops another can wait forever for the stopped trial's "
+                    "CPUs/GPUs (ray#54305); see docs/sweep.md")
     # the final report (eval metrics) leaves out the scheduler's train metric on purpose (see `trial`): Tune's strict check
     # would refuse it
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")

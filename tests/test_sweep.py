@@ -128,6 +128,10 @@ def test_interrupted_sweep_continues_without_retraining(grid_sweep):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DPO_RAY_ASHA_TEST"), reason=(
+    "hangs with Ray 2.60 here: the trial after one ASHA stops waits forever for the CPU the stopped trial's Train "
+    "workers keep (ray#54305; Train's PlacementGroupCleaner logs 'Failed to query Ray Train Controller actor state'); "
+    "DPO_RAY_ASHA_TEST=1 runs it"))
 def test_asha_stops_trials_early_and_stages_run_once_per_max_length(tmp_path, cache, tiny_pairs, ray_local, caplog):
     import logging
 
