@@ -108,7 +108,8 @@ def setup(out_dir: Path | None = None, command: str = "run") -> Path | None:
 # A denylist, so that any other line of a worker (dpo-ray's training progress, a warning, a traceback) stays on the console.
 WORKER_NOISE = ("Failed to query Ray Train Controller actor state", "Loading weights:", "Requesting resources:",
                 "Attempting to start training worker group", "Started training worker group", "- (ip=",
-                "Setting up process group for", "Moving model to device", "mlflow.system_metrics")
+                "Setting up process group for", "Moving model to device", "mlflow.system_metrics",
+                "Writing model shards", "Checkpoint successfully created at", "Reporting training result")
 # The first is a warning of Ray Train's PlacementGroupCleaner, repeated every few seconds while the machine is busy
 # (1,034 times in one demo run on a loaded 2-core machine); it is Ray's and says nothing about the run: file only.
 

@@ -60,11 +60,13 @@ def test_worker_lines_reach_the_log_file_and_only_rays_chatter_leaves_the_consol
 
     run_log = console.setup(tmp_path / "out", "run")
     noise = "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable."
-    rw.print_to_stdstream({"lines": [noise, "step 20/232 | loss 0.1860 | ETA 1m07s", "WARNING something odd"], "pid": 42,
+    report = "Reporting training result 2: TrainingReport(checkpoint=Checkpoint(filesystem=local, path=/x), metrics={'step': 200})"
+    rw.print_to_stdstream({"lines": [noise, report, "step 20/232 | loss 0.1860 | ETA 1m07s", "WARNING something odd"], "pid": 42,
                            "ip": "127.0.0.1", "localhost": "127.0.0.1", "is_err": False, "actor_name": "RayTrainWorker"}, False)
     out = capsys.readouterr().out
     text = run_log.read_text()
-    assert "step 20/232" in out and "WARNING something odd" in out and noise not in out
+    assert "step 20/232" in out and "WARNING something odd" in out and noise not in out and "Reporting training result" not in out
+    assert "Reporting training result 2" in text
     assert f"(RayTrainWorker pid=42) {noise}" in text and "(RayTrainWorker pid=42) step 20/232" in text
     console.close()
     assert not hasattr(rw.print_to_stdstream, "_wrapped")
