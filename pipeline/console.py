@@ -206,9 +206,7 @@ def summary_lines(summary: dict) -> list[str]:
 
 def sweep_lines(summary: dict) -> list[str]:
     """A sweep's last words: its trials by status, the best one and where it went, the parent MLflow run."""
-    counts: dict = {}
-    for t in summary["trials"]:
-        counts[t["status"]] = counts.get(t["status"], 0) + 1
+    counts = status_counts(summary["trials"])
     lines = [f"sweep: {len(summary['trials'])} trial(s): " + ", ".join(f"{n} {st.lower()}" for st, n in sorted(counts.items()))]
     if summary.get("interrupted"):
         lines.append("interrupted: run the same command again to continue")
@@ -221,6 +219,14 @@ def sweep_lines(summary: dict) -> list[str]:
     if summary.get("output_dir"):
         lines.append(f"summary: {Path(summary['output_dir']) / 'sweep_summary.json'}")
     return lines + mlflow_lines(summary.get("mlflow_parent_run_id"), summary.get("tracking_uri"))
+
+
+def status_counts(trials: list[dict]) -> dict[str, int]:
+    """{status: trials with it} of a sweep's trial rows."""
+    out: dict[str, int] = {}
+    for t in trials:
+        out[t["status"]] = out.get(t["status"], 0) + 1
+    return out
 
 
 def mlflow_lines(run_id: str | None, uri: str | None) -> list[str]:

@@ -24,6 +24,7 @@ from dpo_ray.config import Config, ConfigError, masked
 from dpo_ray.tracking import ensure_experiment
 
 from . import evaluate, prepare, reference
+from .console import status_counts
 from .artifacts import exclusive, fingerprint, write_json_atomic
 from .storage import open_location
 from .run import (DATA_HEADROOM_CPUS, Inputs, SetupError, check_memory, check_output_dir, evaluate_and_log, fail_run, finish_run,
@@ -517,17 +518,11 @@ def log_cost(summary: dict) -> None:
     c, best = summary["cost"], summary.get("best")
     log.info("sweep: done in %.0f s, %d trial(s) (%s); reference: %d pass(es), %.0f s (%.0f%% of the wall time); %d independent "
              "runs would score it %d times%s | best: %s", c["wall_seconds"], len(summary["trials"]),
-             ", ".join(f"{n} {st.lower()}" for st, n in sorted(_count(summary["trials"]).items())), c["reference_passes"],
+             ", ".join(f"{n} {st.lower()}" for st, n in sorted(status_counts(summary["trials"]).items())), c["reference_passes"],
              c["reference_seconds"], 100 * (c["reference_share"] or 0), c["trials_run"], c["trials_run"],
              f" (~{c['reference_seconds_one_pass_per_trial']:.0f} s)" if c["reference_seconds_one_pass_per_trial"] is not None else "",
              f"{best['trial_id']} {best['overrides']} -> {best['model_dir']}" if best else "none")
 
-
-def _count(trials: list[dict]) -> dict:
-    out: dict = {}
-    for t in trials:
-        out[t["status"]] = out.get(t["status"], 0) + 1
-    return out
 
 
 def log_parent(parent, summary: dict, s) -> None:
@@ -548,7 +543,7 @@ def log_parent(parent, summary: dict, s) -> None:
         parent.log_metrics({f"best/{s.metric}": best[s.metric]}, step=0)
     c = summary["cost"]
     parent.log_metrics({f"sweep/{k}": v for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
-    parent.log_metrics({f"sweep/trials_{st.lower()}": n for st, n in _count(summary["trials"]).items()}, step=0)
+    parent.log_metrics({f"sweep/trials_{st.lower()}": n for st, n in status_counts(summary["trials"]).items()}, step=0)
     parent.flush()
 
 
