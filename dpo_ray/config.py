@@ -215,6 +215,44 @@ class TrainConfig(_Strict):
         return self
 
 
+class GenerateConfig(_Strict):
+    """Replies written by the trained policy and by the reference for held-out prompts (evaluate stage), side by side in
+    MLflow's eval_generations.json; the reference's are cached like its log-probs."""
+
+    prompts: int = Field(64, ge=0, description="held-out prompts to write replies for (the eval split's first, by row id); 0: off")
+    max_new_tokens: int = Field(256, ge=1, description="the most tokens a reply may have (it stops earlier at EOS or the end of the turn)")
+    do_sample: bool = Field(False, description="false: greedy; true: sampled with temperature, top_p and seed")
+    temperature: float = Field(1.0, gt=0, description="sampling only: the softmax temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="sampling only: nucleus sampling's probability mass")
+    seed: int = Field(0, description="sampling only: the same seed gives the same table")
+    batch_size: int = Field(16, ge=1, description="prompts per batched generate call (left padded, with the KV cache)")
+
+
+class JudgeConfig(_Strict):
+    """Scores each reply; eval/win_rate is the fraction of prompts where the policy's reply scores higher (ties 0.5).
+    Exactly one of reward_model and function."""
+
+    reward_model: str | None = Field(None, description=(
+        "a local Hugging Face sequence-classification reward model (its own tokenizer and chat template) scoring (prompt, reply)"))
+    function: str | None = Field(None, description=(
+        "module:callable, (prompt: str, reply: str) -> float, imported in the workers: it runs code the config names, "
+        "like trust_remote_code; prompt is the last user message"))
+    batch_size: int = Field(16, ge=1, description="replies per judge call (reward model forward)")
+
+    @model_validator(mode="after")
+    def _one_judge(self) -> "JudgeConfig":
+        if (self.reward_model is None) == (self.function is None):
+            raise ValueError("eval.judge: set exactly one of reward_model (a local HF reward model) and function (module:callable)")
+        if self.function is not None and (":" not in self.function or not all(self.function.split(":", 1))):
+            raise ValueError(f"eval.judge.function: expected module:callable, e.g. my_rewards:score (got {self.function!r})")
+        return self
+
+
+class EvalConfig(_Strict):
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="the generations table (eval_generations.json)")
+    judge: JudgeConfig | None = Field(None, description="a reward model or a function that scores the replies: eval/win_rate")
+
+
 class MLflowConfig(_Strict):
     tracking_uri: str | None = Field(None, description=(
         "any MLflow tracking URI, e.g. http://127.0.0.1:5000; None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the "
@@ -228,8 +266,8 @@ class MLflowConfig(_Strict):
 class RegistryConfig(_Strict):
     name: str | None = Field(None, description=(
         "the MLflow registered model each run's model becomes a version of (alias challenger); None: no registration"))
-    metric: Literal["rewards/accuracies", "rewards/margins"] = Field("rewards/accuracies", description=(
-        "the eval metric that decides between challenger and champion"))
+    metric: Literal["rewards/accuracies", "rewards/margins", "win_rate"] = Field("rewards/accuracies", description=(
+        "the eval metric that decides between challenger and champion; win_rate needs eval.judge"))
     min_improvement: float = Field(0.0, description="the challenger takes the champion alias only if better by at least this")
 
 
@@ -268,8 +306,15 @@ class Config(_Strict):
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig, description="the reference log-probs' scoring pool")
     train: TrainConfig = Field(default_factory=TrainConfig, description="the loss, the optimizer, the workers")
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig, description="where runs are tracked")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="the generations and the judge of the evaluate stage")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="the MLflow Model Registry gate")
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="`dpo-ray sweep` only: the search space and its settings")
+
+    @model_validator(mode="after")
+    def _win_rate_needs_a_judge(self) -> "Config":
+        if self.registry.metric == "win_rate" and (self.eval.judge is None or self.eval.generate.prompts == 0):
+            raise ValueError("registry.metric=win_rate needs eval.judge (a reward model or a function) and eval.generate.prompts > 0")
+        return self
 
     @model_validator(mode="after")
     def _output_dir_is_a_path(self) -> "Config":
@@ -304,7 +349,7 @@ def _explain(err: ValidationError, source: str) -> str:
             lines.append(f"{source}: unknown key {key}" + (f" (did you mean {hint[0]}?)" if hint else ""))
         elif e["type"] == "value_error":  # a validator's own sentence: it names the keys; the section's dict would be noise
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: {msg}" if msg.startswith(key.split(".")[0]) else f"{source}: {key}: {msg}")
+            lines.append(f"{source}: {msg}" if key == "(top level)" or msg.startswith(key.split(".")[0]) else f"{source}: {key}: {msg}")
         else:
             lines.append(f"{source}: {key}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)
