@@ -29,8 +29,10 @@ from .artifacts import DataError, complete_dir, completed, fingerprint, hash_fil
 from .storage import Location, open_location
 
 log = logging.getLogger("dpo_ray")
-VERSION = 4  # bump when the row format or masking changes: part of the key
-ROW_COLUMNS = ["row_id", "chosen_input_ids", "rejected_input_ids", "chosen_loss_mask", "rejected_loss_mask"]
+VERSION = 5  # bump when the row format or masking changes: part of the key. 5: prompt_json on eval rows
+ROW_COLUMNS = ["row_id", "chosen_input_ids", "rejected_input_ids", "chosen_loss_mask", "rejected_loss_mask", "prompt_json"]
+# prompt_json: the eval rows' prompt (the messages before the reply, or the plain-text prompt) as JSON, for the evaluate
+# stage's generations and judge; "" on train rows
 RAW_CHARS = 500
 LINES_PER_BLOCK = 500
 
@@ -93,6 +95,8 @@ def tokenize_batch(batch: dict, *, tokenizer: str, trust_remote_code: bool, max_
             validate(pair)
             rec["pair_hash"] = pair_hash(pair)
             rec["split"] = fixed_split or _split_of(rec["pair_hash"], eval_fraction)
+            if rec["split"] == "eval":
+                rec["prompt_json"] = json.dumps(pair.text[0] if pair.text is not None else pair.chosen[:-1], ensure_ascii=False)
             pairs.append(pair)
             waiting.append(rec)
         except Reject as r:
@@ -106,8 +110,9 @@ def tokenize_batch(batch: dict, *, tokenizer: str, trust_remote_code: bool, max_
     for rec in recs:
         raw = rec["raw"]
         rec["raw"] = "" if rec["status"] == "ok" else raw[: RAW_CHARS * 4].decode("utf-8", "replace")[:RAW_CHARS]
-        for k in ROW_COLUMNS[1:]:
+        for k in ROW_COLUMNS[1:-1]:
             rec.setdefault(k, [])
+        rec.setdefault("prompt_json", "")
         for k in cols:
             cols[k].append(rec[k])
     types = {"chosen_input_ids": pa.list_(pa.int32()), "rejected_input_ids": pa.list_(pa.int32()),

@@ -1,0 +1,199 @@
+"""Part of stage 4, evaluate: what the trained model now says, beside the reference, and a judge's win rate.
+
+For eval.generate.prompts held-out prompts (the eval split's first by row id) the trained policy and the reference
+each write a reply (dpo_ray.generation.Generator on a Ray Data actor pool, one GPU per actor when there are GPUs).
+The reference's replies are cached like its log-probs: <cache_dir>/generations/<key>/replies.parquet, key = the
+reference weights, the prompts' tokens and the generation settings; a second run over the same data generates only for
+the policy. With eval.judge, every reply is scored (dpo_ray.judges) and eval/win_rate is the fraction of prompts where
+the policy's reply scores higher (ties 0.5). Returns metrics and the eval_generations table for MLflow.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dpo_ray.generation import Generator, settings_of
+from dpo_ray.judges import FunctionJudge, JudgeError, RewardModelJudge, last_user, load_function, verdict, win_rate
+from dpo_ray.model import fingerprint_model, load_tokenizer
+
+from . import console
+from .artifacts import complete_dir, completed, fingerprint
+from .reference import read_split, scoring_bf16
+from .storage import open_location
+
+log = logging.getLogger("dpo_ray")
+VERSION = 1  # bump when the reference replies' cache format or the generation code changes
+PREVIEW_CHARS = 2000  # of each text in the table: replies are read whole up to this
+REPLY_COLUMNS = ("reply", "tokens", "stopped")
+
+
+def select_prompts(ref, n: int, tokenizer) -> list[dict]:
+    """The first n eval rows by row id: row_id, prompt_ids (the prepared prompt tokens, the template's generation
+    prompt included), prompt_json and the data's chosen reply as text. Read in batches: bounded by n, not the split."""
+    ds = read_split(ref.parts, "eval", ref.drop_ids)
+    if ds is None or n == 0:
+        return []
+    keep = None
+    for batch in ds.select_columns(["row_id", "chosen_input_ids", "chosen_loss_mask", "prompt_json"]).iter_batches(batch_format="pandas", batch_size=1024):
+        keep = (batch if keep is None else pd.concat([keep, batch])).sort_values("row_id", kind="stable").head(n)
+    rows = []
+    for r in keep.itertuples():
+        mask = list(r.chosen_loss_mask)
+        start = mask.index(1) if 1 in mask else len(mask)
+        ids = [int(i) for i in r.chosen_input_ids]
+        rows.append({"row_id": r.row_id, "prompt_ids": ids[:start], "prompt_json": r.prompt_json,
+                     "chosen": tokenizer.decode(ids[start:], skip_special_tokens=True).strip()})
+    return rows
+
+
+def prompts_digest(prompts: list[dict]) -> str:
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(json.dumps([p["row_id"], p["prompt_ids"]]).encode())
+    return h.hexdigest()
+
+
+def generate_replies(cfg, prompts: list[dict], model_path: str, tokenizer_path: str, who: str, use_gpu: bool) -> tuple[pd.DataFrame, dict]:
+    """(one row per prompt: row_id, reply, tokens, stopped; {tokens, seconds, tokens_per_second}) from `model_path`.
+    Batches of eval.generate.batch_size prompts, fixed here (not by Ray Data's blocks), so sampling is reproducible."""
+    import ray
+
+    g, r = cfg.eval.generate, cfg.reference
+    size = g.batch_size
+    batches = [{"row_ids": [p["row_id"] for p in prompts[i:i + size]], "prompt_ids": [p["prompt_ids"] for p in prompts[i:i + size]],
+                "batch_index": i // size} for i in range(0, len(prompts), size)]
+    actors = max(1, min(r.num_actors, len(batches)))
+    ds = ray.data.from_items(batches, override_num_blocks=len(batches)).map_batches(
+        Generator, fn_constructor_kwargs=dict(model_path=model_path, tokenizer_path=tokenizer_path, prefix="",
+                                              settings=settings_of(g).__dict__, trust_remote_code=cfg.model.trust_remote_code,
+                                              token=cfg.model.hf_token, bf16=scoring_bf16(cfg, use_gpu)),
+        batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+        num_cpus=r.cpus_per_actor, num_gpus=1 if use_gpu else 0)
+    log.info("generate: %s: %d prompts, up to %d new tokens each (%s), on %d actor(s)", who, len(prompts), g.max_new_tokens,
+             f"sampled, temperature {g.temperature:g}, top_p {g.top_p:g}, seed {g.seed}" if g.do_sample else "greedy", actors)
+    t0, last, parts, tokens, gen_seconds = time.time(), 0.0, [], 0, 0.0
+    for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+        parts.append(batch)
+        tokens += int(batch["tokens"].sum())
+        gen_seconds += float(batch["seconds"].sum())
+        done, now = sum(len(p) for p in parts), time.time()
+        if now - last > 5 or done == len(prompts):
+            eta = (now - t0) / done * (len(prompts) - done)
+            log.info("generate: %s: %d/%d prompts, %.0f tokens/s, ETA %.0f s", who, done, len(prompts), tokens / max(gen_seconds, 1e-9), eta)
+            last = now
+    df = pd.concat(parts).drop(columns=["seconds"]).set_index("row_id").loc[[p["row_id"] for p in prompts]].reset_index()
+    return df, {"tokens": tokens, "seconds": round(gen_seconds, 3), "tokens_per_second": tokens / max(gen_seconds, 1e-9)}
+
+
+def reference_replies(cfg, prompts: list[dict], reference_path: str, tokenizer_path: str, use_gpu: bool) -> tuple[pd.DataFrame, bool]:
+    """The reference's replies, from the cache when these prompts were answered with these settings and weights before."""
+    g = cfg.eval.generate
+    key = fingerprint("generations", VERSION, fingerprint_model(reference_path), prompts_digest(prompts), settings_of(g).key(),
+                      "bf16" if use_gpu and scoring_bf16(cfg, use_gpu) else "fp32")
+    out = open_location(cfg.cache_dir) / "generations" / key
+    if (d := completed(out)) is not None:
+        log.info("generate: reference: cache hit (%s): the reference model is not run", out)
+        return pq.read_table((d / "replies.parquet").path, filesystem=d.fs).to_pandas(), True
+    df, speed = generate_replies(cfg, prompts, reference_path, tokenizer_path, "reference", use_gpu)
+    with complete_dir(out) as tmp:
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), (tmp / "replies.parquet").path, filesystem=tmp.fs)
+        (tmp / "key.json").write_text(json.dumps({"reference_model": reference_path, "settings": settings_of(g).key(),
+                                                  "prompts": len(prompts), **speed}) + "\n")
+    return df, False
+
+
+def judge(cfg, table: pd.DataFrame, use_gpu: bool) -> pd.DataFrame:
+    """judge_policy, judge_reference, judge_error (and verdict) columns, from eval.judge on a Ray Data actor pool. More
+    failed prompts than data.max_bad_fraction of them stop the stage with the first failure's message."""
+    import ray
+
+    j = cfg.eval.judge
+    rows = [{"row_id": r.row_id, "who": who, "prompt_json": r.prompt_json, "reply": getattr(r, who)}
+            for r in table.itertuples() for who in ("policy", "reference")]
+    if j.function:
+        fn, kwargs, gpus, what = FunctionJudge, {"spec": j.function}, 0, f"function {j.function}"
+    else:
+        fn, kwargs, gpus, what = RewardModelJudge, {"path": j.reward_model, "trust_remote_code": cfg.model.trust_remote_code,
+                                                    "token": cfg.model.hf_token}, (1 if use_gpu else 0), f"reward model {j.reward_model}"
+    log.info("judge: scoring %d replies with the %s", len(rows), what)
+    out = ray.data.from_items(rows).map_batches(fn, fn_constructor_kwargs=kwargs, batch_size=j.batch_size, batch_format="pandas",
+                                                compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.reference.cpus_per_actor,
+                                                num_gpus=gpus).to_pandas()
+    scores = {(r.row_id, r.who): (float(r.score), r.error) for r in out.itertuples()}
+    table = table.copy()
+    for who in ("policy", "reference"):
+        table[f"judge_{who}"] = [scores[(rid, who)][0] for rid in table.row_id]
+    errors = [next((f"{who} reply: {scores[(rid, who)][1]}" for who in ("policy", "reference") if scores[(rid, who)][1]), "")
+              for rid in table.row_id]
+    table["judge_error"] = errors
+    v = [verdict(p, r) for p, r in zip(table.judge_policy, table.judge_reference)]
+    table["verdict"] = ["" if x is None else "policy" if x == 1 else "reference" if x == 0 else "tie" for x in v]
+    failed = [(rid, e) for rid, e in zip(table.row_id, errors) if e]
+    if failed:
+        limit = cfg.data.max_bad_fraction * len(table)
+        log.warning("judge: the %s failed on %d of %d prompts (the first: row %s, %s)", what, len(failed), len(table), *failed[0])
+        if len(failed) > limit:
+            raise JudgeError(f"eval.judge: the {what} failed on {len(failed)} of {len(table)} prompts, more than data.max_bad_fraction="
+                             f"{cfg.data.max_bad_fraction:g} allows; the first: row {failed[0][0]}, {failed[0][1]}")
+    return table
+
+
+def model_replies(cfg, prompts: list[dict], model_dir: str, tokenizer_path: str, use_gpu: bool, ref_df: pd.DataFrame):
+    """(table, metrics) for one model's replies beside the reference's: what run() and the registry's champion use."""
+    pol_df, speed = generate_replies(cfg, prompts, model_dir, tokenizer_path, "policy", use_gpu)
+    cut = lambda t: t if len(t) <= PREVIEW_CHARS else t[:PREVIEW_CHARS] + "…"  # noqa: E731
+    table = pd.DataFrame({
+        "row_id": [p["row_id"] for p in prompts],
+        "prompt": [cut(last_user(p["prompt_json"])) for p in prompts],
+        "chosen": [cut(p["chosen"]) for p in prompts],
+        "reference": [cut(x) for x in ref_df["reply"]],
+        "policy": [cut(x) for x in pol_df["reply"]],
+        "reference_tokens": ref_df["tokens"].to_numpy(),
+        "policy_tokens": pol_df["tokens"].to_numpy(),
+        "prompt_json": [p["prompt_json"] for p in prompts],
+    })
+    metrics = {"generation/length_policy": float(table.policy_tokens.mean()), "generation/length_reference": float(table.reference_tokens.mean()),
+               "generation/tokens_per_second": speed["tokens_per_second"], "generation/prompts": float(len(table))}
+    if cfg.eval.judge is not None:
+        table = judge(cfg, table, use_gpu)
+        rate, judged = win_rate(table.judge_policy.tolist(), table.judge_reference.tolist())
+        mean = lambda c: float(table[c][table[c].map(math.isfinite)].mean()) if table[c].map(math.isfinite).any() else float("nan")  # noqa: E731
+        metrics.update({"win_rate": rate, "judge/policy_mean": mean("judge_policy"), "judge/reference_mean": mean("judge_reference"),
+                        "judge/prompts": float(judged), "judge/failed_prompts": float((table.judge_error != "").sum())})
+    return table, metrics
+
+
+def check_judge(cfg) -> None:
+    """A function judge that cannot be imported is one line before any model work (JudgeError)."""
+    if cfg.eval.judge is not None and cfg.eval.judge.function and cfg.eval.generate.prompts:
+        load_function(cfg.eval.judge.function)
+
+
+@console.stage("generate", lambda r: " | ".join(f"{k} {r[0][k]:.3f}" for k in ("eval/win_rate", "eval/generation/tokens_per_second") if k in r[0]))
+def run(cfg, ref, model_dir, reference_path: str, tokenizer_path: str, use_gpu: bool, prompts: list[dict] | None = None):
+    """(eval/generation/... and, with a judge, eval/win_rate and eval/judge/... metrics, the eval_generations table);
+    ({}, None) when generation is off or there is no eval split."""
+    g = cfg.eval.generate
+    if g.prompts == 0:
+        return {}, None
+    check_judge(cfg)
+    tok = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.hf_token)
+    prompts = prompts if prompts is not None else select_prompts(ref, g.prompts, tok)
+    if not prompts:
+        log.warning("generate: no eval split; no generations")
+        return {}, None
+    ref_df, hit = reference_replies(cfg, prompts, reference_path, tokenizer_path, use_gpu)
+    table, metrics = model_replies(cfg, prompts, str(model_dir), tokenizer_path, use_gpu, ref_df)
+    metrics["generation/reference_cache_hit"] = float(hit)
+    log.info("generate: %d prompts | policy %.1f tokens a reply, reference %.1f | %.0f tokens/s%s", len(table),
+             metrics["generation/length_policy"], metrics["generation/length_reference"], metrics["generation/tokens_per_second"],
+             f" | win rate {metrics['win_rate']:.3f} (judge means: policy {metrics['judge/policy_mean']:.3f}, reference "
+             f"{metrics['judge/reference_mean']:.3f})" if "win_rate" in metrics else "")
+    return {f"eval/{k}": v for k, v in metrics.items()}, table.drop(columns=["prompt_json"])
