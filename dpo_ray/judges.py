@@ -11,6 +11,7 @@ import importlib
 import json
 import math
 import os
+import sys
 import traceback
 
 
@@ -21,11 +22,13 @@ class JudgeError(RuntimeError):
 def load_function(spec: str):
     """'module:callable' -> the callable, or a JudgeError naming what is missing."""
     module, _, name = spec.partition(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:  # the `dpo-ray` script's sys.path lacks the directory it runs in;
+        sys.path.append(os.getcwd())  # appended before ray.init, it reaches the local workers' sys.path too
     try:
         mod = importlib.import_module(module)
     except Exception as e:  # noqa: BLE001 - any import failure of user code is reported as one line
         raise JudgeError(f"eval.judge.function {spec}: cannot import module {module!r} ({type(e).__name__}: {e}); it must be "
-                         f"importable where the workers run (installed, or on PYTHONPATH)") from None
+                         f"importable where the workers run: installed, on PYTHONPATH, or in the directory dpo-ray runs from") from None
     fn = getattr(mod, name, None)
     if not callable(fn):
         raise JudgeError(f"eval.judge.function {spec}: module {module} ({getattr(mod, '__file__', '?')}) has no callable {name!r}")

@@ -14,6 +14,7 @@ from . import doctor
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from dpo_ray.config import ConfigError
+    from dpo_ray.judges import JudgeError
     from dpo_ray.model import ModelError
     from dpo_ray.tracking import TrackingError
 
@@ -22,7 +23,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .storage import StorageError
     from .train import TrainingError
 
-    return (ConfigError, DataError, LockedError, ModelError, TrackingError, ResourceError, SetupError, StorageError, TrainingError)
+    return (ConfigError, JudgeError, DataError, LockedError, ModelError, TrackingError, ResourceError, SetupError, StorageError, TrainingError)
 
 
 def build_parser() -> argparse.ArgumentParser:

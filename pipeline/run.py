@@ -22,7 +22,7 @@ from dpo_ray.checkpoint import ADAPTER
 from dpo_ray.model import load_tokenizer, merge_adapter, resolve_model
 from dpo_ray.tracking import check_reachable, dataset_input, ensure_experiment, resolve_tracking_uri, system_metrics
 
-from . import evaluate, prepare, reference, register, train
+from . import evaluate, generate, prepare, reference, register, train
 from .artifacts import atomic_dir, exclusive, resolve_data_files, write_json_atomic
 from .storage import StorageError, model_root, open_location, redact
 
@@ -300,7 +300,19 @@ def preflight(cfg: Config, stages: tuple[str, ...]) -> Inputs:
     reference_path = resolve(cfg.model.reference, uri, cache) if cfg.model.reference else policy_path
     tokenizer_path = resolve(cfg.model.tokenizer, uri, cache) if cfg.model.tokenizer else policy_path
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.hf_token)
+    if "evaluate" in stages:
+        check_judge(cfg)
     return Inputs(Path(cfg.output_dir).resolve(), uri, cache, policy_path, reference_path, tokenizer_path, tokenizer)
+
+
+def check_judge(cfg: Config) -> None:
+    """eval.judge, checked before any model work: the function importable here, the reward model a local directory."""
+    j = cfg.eval.judge
+    if j is None or not cfg.eval.generate.prompts:
+        return
+    if j.reward_model and not (Path(j.reward_model).expanduser() / "config.json").is_file():
+        raise SetupError(f"eval.judge.reward_model {j.reward_model}: not a local Hugging Face model directory (no config.json)")
+    generate.check_judge(cfg)
 
 
 def data_summary(prepared, out_dir: Path) -> dict:
@@ -356,6 +368,11 @@ def evaluate_and_log(cfg: Config, inp: Inputs, ref, model_dir: Path, use_gpu: bo
     ev, pairs = evaluate.run(cfg, ref, model_dir, inp.reference_path, inp.tokenizer_path, use_gpu, baseline)
     if pairs is not None:
         tracker.call("eval_pairs.json", tracker.client.log_table, data=pairs, artifact_file="eval_pairs.json")
+    if ev:  # the replies of the model and the reference to held-out prompts, and the judge's win rate (eval.generate)
+        gen, generations = generate.run(cfg, ref, model_dir, inp.reference_path, inp.tokenizer_path, use_gpu)
+        ev = {**ev, **gen}
+        if generations is not None:
+            tracker.call("eval_generations.json", tracker.client.log_table, data=generations, artifact_file="eval_generations.json")
     tracker.log_metrics(ev, step=step)
     return ev, {"eval": {k[len("eval/"):]: v for k, v in ev.items() if not k.startswith("eval/reference/")},
                 "eval_reference": {k[len("eval/reference/"):]: v for k, v in ev.items() if k.startswith("eval/reference/")}}
@@ -373,7 +390,12 @@ def register_model(cfg: Config, inp: Inputs, ref, tracker, ev: dict, use_gpu: bo
     """Stage 5: the champion/challenger gate for the run's logged model."""
     if not logged:
         return {"decision": "not_registered", "reason": "the model artifact could not be logged"}
-    score = lambda d: evaluate.evaluate_model(cfg, ref, d, inp.tokenizer_path, use_gpu)  # noqa: E731
+    def score(model_dir: str) -> dict:  # the champion, on the same eval set and reference
+        m = evaluate.evaluate_model(cfg, ref, model_dir, inp.tokenizer_path, use_gpu)
+        if cfg.registry.metric == "win_rate":  # its replies judged against the reference's (cached) ones
+            m["win_rate"] = generate.run(cfg, ref, model_dir, inp.reference_path, inp.tokenizer_path, use_gpu)[0]["eval/win_rate"]
+        return m
+
     return register.run(cfg, tracker, inp.uri, ev, score)
 
 

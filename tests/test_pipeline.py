@@ -26,7 +26,8 @@ def cli_run(tmp_path_factory, small_pairs, demo_model):
     cache = tmp / "cache"  # this module's own cache (other modules score the same data): the first run must miss
     (cache / "models").mkdir(parents=True)
     os.symlink(demo_model, cache / "models" / Path(demo_model).name)
-    sets = small_config(tmp, cache, small_pairs) + ["model.hf_token=hf_s3cret_value"]
+    sets = small_config(tmp, cache, small_pairs, **{"eval.generate.prompts": "8", "eval.generate.max_new_tokens": "12",
+                                                   "eval.judge.function": "tests.judges_for_tests:words"}) + ["model.hf_token=hf_s3cret_value"]
     cmd = [str(Path(sys.executable).parent / "dpo-ray"), "run", "configs/demo.yaml"] + [a for s in sets for a in ("--set", s)]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parent.parent)
@@ -58,6 +59,9 @@ def test_summary_contract(cli_run):
     assert "prepare: finished in" in proc.stderr and "Running Dataset" not in proc.stderr + proc.stdout
     assert "reward accuracy" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
     assert "Running Dataset" in next((tmp / "out" / "logs").glob("run-*.log")).read_text()
+    # the generations beside the reference's and the judge's win rate (tests.judges_for_tests, imported from the working dir)
+    assert s["eval"]["generation/prompts"] == 8 and 0.0 <= s["eval"]["win_rate"] <= 1.0 and s["eval"]["judge/prompts"] == 8
+    assert "generations: 8 prompts" in proc.stdout and "win rate" in proc.stdout and "generate: finished in" in proc.stderr
 
 
 def test_exported_model_loads_with_transformers(cli_run):
@@ -94,6 +98,12 @@ def test_mlflow_run_has_metrics_params_and_artifacts(cli_run):
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "data_stats.json", "model", "summary.json", "rejects.jsonl"} <= arts
     assert "model/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "eval_generations.json")).read_text())
+    rows = [dict(zip(table["columns"], r)) for r in table["data"]]
+    assert len(rows) == 8 and {"prompt", "chosen", "reference", "policy", "judge_policy", "judge_reference", "verdict"} <= set(rows[0])
+    assert run.data.metrics["eval/win_rate"] == pytest.approx(
+        sum(1.0 if r["judge_policy"] > r["judge_reference"] else 0.0 if r["judge_policy"] < r["judge_reference"] else 0.5 for r in rows) / 8)
+    assert run.data.metrics["eval/generation/tokens_per_second"] > 0 and "eval/generation/length_reference" in run.data.metrics
 
 
 def test_cached_reference_logps_equal_a_direct_forward(cli_run):
