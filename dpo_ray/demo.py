@@ -266,7 +266,7 @@ def build_demo_sft_model(out_dir: Path, base_dir: Path, data_path: Path = DEMO_D
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
                                                   0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
-        last_log = time.monotonic()
+        loop_start = last_log = time.monotonic()
         for step, idx in enumerate(batches, 1):
             ids, attention, labels = sft_batch([examples[i] for i in idx], tokenizer.pad_token_id)
             loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
@@ -277,9 +277,9 @@ def build_demo_sft_model(out_dir: Path, base_dir: Path, data_path: Path = DEMO_D
             sched.step()
             now = time.monotonic()
             if now - last_log >= log_every_s or step == total:
-                last_log, took = now, now - start
-                log.info("demo SFT: step %d/%d | loss %.3f | %.0fs | ETA %.0fs", step, total, loss.item(), took,
-                         took / step * (total - step))
+                last_log = now
+                log.info("demo SFT: step %d/%d | loss %.3f | %.0fs | ETA %.0fs", step, total, loss.item(), now - start,
+                         (now - loop_start) / step * (total - step))
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
