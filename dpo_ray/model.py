@@ -11,6 +11,7 @@ from pathlib import Path
 log = logging.getLogger("dpo_ray")
 
 DEMO_PREFIX = "demo:"
+DEMO_MODELS = ("demo:tiny-llama", "demo:tiny-llama-sft")  # random weights; the same after a supervised pass (dpo_ray.demo)
 
 
 class ModelError(ValueError):
@@ -18,28 +19,24 @@ class ModelError(ValueError):
 
 
 def resolve_model(name: str, cache_dir: str | Path) -> str:
-    """A local directory (absolute path), a hub id (unchanged), or demo:tiny-llama (built once under <cache_dir>/models).
+    """A local directory (absolute path), a hub id (unchanged), or a demo model (DEMO_MODELS, built once under
+    <cache_dir>/models; demo:tiny-llama-sft from demo:tiny-llama's directory, which it builds first if need be).
 
     `cache_dir` here is a local directory (a model must be one to load): the driver passes config cache_dir when it
     is local, else output_dir (pipeline.storage.model_root)."""
     if "://" in str(cache_dir):
         raise ModelError(f"models are built and downloaded into a local directory, not {cache_dir}")
     if name.startswith(DEMO_PREFIX):
-        if name != "demo:tiny-llama":
-            raise ModelError(f"unknown demo model {name!r}; the embedded default is demo:tiny-llama")
-        from .demo import DEMO_MODEL_VERSION, build_demo_model
+        if name not in DEMO_MODELS:
+            raise ModelError(f"unknown demo model {name!r}; the demo models are {', '.join(DEMO_MODELS)}")
+        from .demo import DEMO_MODEL_VERSION, DEMO_SFT_VERSION, build_demo_model, build_demo_sft_model
 
-        out = Path(cache_dir).resolve() / "models" / f"demo-tiny-llama-{DEMO_MODEL_VERSION}"
-        if not (out / "config.json").exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-            build_demo_model(tmp)
-            try:
-                tmp.rename(out)
-            except OSError:  # another process built it first
-                shutil.rmtree(tmp, ignore_errors=True)
-            log.info("built the demo model and tokenizer in %s", out)
-        return str(out)
+        models = Path(cache_dir).resolve() / "models"
+        base = _build_once(models / f"demo-tiny-llama-{DEMO_MODEL_VERSION}", build_demo_model, "the demo model and tokenizer")
+        if name == "demo:tiny-llama":
+            return str(base)
+        return str(_build_once(models / f"demo-tiny-llama-sft-{DEMO_MODEL_VERSION}-{DEMO_SFT_VERSION}",
+                               lambda tmp: build_demo_sft_model(tmp, base), "the demo SFT model"))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists() and not (path / "tokenizer_config.json").exists():
@@ -48,6 +45,24 @@ def resolve_model(name: str, cache_dir: str | Path) -> str:
     if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name:
         raise ModelError(f"model path {name} does not exist; give a local Hugging Face directory or a hub id like org/name")
     return name  # a hub id: transformers resolves it (from its local cache when offline)
+
+
+def _build_once(out: Path, build, what: str) -> Path:
+    """out, built by build(tmp_dir) into a temporary sibling and renamed, unless it is there already (a concurrent
+    builder that renames first wins; the other's copy is dropped)."""
+    if not (out / "config.json").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+        try:
+            build(tmp)
+            tmp.rename(out)
+        except OSError:  # another process built it first
+            if not (out / "config.json").exists():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("built %s in %s", what, out)
+    return out
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False, token: str | None = None):
