@@ -13,6 +13,7 @@ it, a plain HF folder at run artifact `model`) into a plain Hugging Face directo
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -63,6 +64,7 @@ def log_mlflow_model(run_id: str, client, model_dir: Path, trust_remote_code: bo
     The model is loaded once in this process (MLflow 3.17's path-only logging fails on transformers 5), in its
     saved dtype: host memory for one copy of the weights, as the LoRA merge already needs."""
     import mlflow.transformers
+    from huggingface_hub import ModelCard
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
     from mlflow.models import Model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,8 +81,10 @@ def log_mlflow_model(run_id: str, client, model_dir: Path, trust_remote_code: bo
         with tempfile.TemporaryDirectory(prefix="dpo-ray-mlflow-model-") as tmp:
             path = Path(tmp) / MODEL_NAME
             meta = Model(artifact_path=lm.artifact_location, model_uuid=lm.model_id, run_id=run_id, model_id=lm.model_id)
+            card = ModelCard(f"---\nlibrary_name: transformers\ntags: [dpo, dpo-ray]\n---\n# A DPO policy trained by dpo-ray\n\n"
+                             f"MLflow run {run_id}, exported from {model_dir}.\n")  # else MLflow asks the hub for a card
             mlflow.transformers.save_model({"model": model, "tokenizer": tokenizer}, str(path), task=TASK, mlflow_model=meta,
-                                           pip_requirements=pip_requirements())
+                                           pip_requirements=pip_requirements(), model_card=card)
             (path / "LICENSE.txt").unlink(missing_ok=True)  # MLflow's note pointing at huggingface.co/<local path>
             del model
             client.log_model_artifacts(lm.model_id, str(path))
@@ -104,6 +108,16 @@ def logged_model_id(client, run_id: str) -> str | None:
     ids = [o.model_id for o in (outputs.model_outputs if outputs else [])]
     names = {i: client.get_logged_model(i).name for i in ids}
     return next((i for i in reversed(ids) if names[i] == MODEL_NAME), None)
+
+
+def link_version(client, model_id: str, name: str, version) -> None:
+    """The logged model's `mlflow.modelVersions` tag (its registered versions in the UI) names this version: a server
+    writes it when the version is created, a sqlite store does not (and mlflow.register_model would add it twice)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    linked = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    if not any(v["name"] == name and str(v["version"]) == str(version) for v in linked):
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked + [{"name": name, "version": int(version)}])})
 
 
 def to_hf_dir(mlflow_model: Path, out: Path) -> None:
@@ -158,7 +172,6 @@ def download(uri: str, name_or_uri: str, cache: Path) -> tuple[str, str]:
 def run(cfg, tracker, uri: str, challenger_eval: dict, score_champion) -> dict:
     """Register this run's logged model (an unmerged LoRA adapter: its `model` artifact folder); compare with the
     champion; move the aliases. Returns the decision."""
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     client, name, metric = tracker.client, cfg.registry.name, cfg.registry.metric
@@ -169,8 +182,9 @@ def run(cfg, tracker, uri: str, challenger_eval: dict, score_champion) -> dict:
     tags = {"eval_metric": metric, f"eval/{metric}": str(challenger_eval[f"eval/{metric}"])}
     model_id = logged_model_id(client, tracker.run_id)
     if model_id:
-        with tracking_uri(uri):  # links the version to the logged model (its registered versions in the UI)
-            mv = mlflow.register_model(f"models:/{model_id}", name, tags=tags)
+        with tracking_uri(uri):  # a sqlite registry looks the logged model up through the global tracking URI
+            mv = client.create_model_version(name, source=f"models:/{model_id}", run_id=tracker.run_id, tags=tags, model_id=model_id)
+        link_version(client, model_id, name, mv.version)
     else:
         source = client.get_run(tracker.run_id).info.artifact_uri.rstrip("/") + "/" + MODEL_NAME
         mv = client.create_model_version(name, source=source, run_id=tracker.run_id, tags=tags)
