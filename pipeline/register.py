@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -120,12 +119,13 @@ def link_version(client, model_id: str, name: str, version) -> None:
         client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked + [{"name": name, "version": int(version)}])})
 
 
-def to_hf_dir(mlflow_model: Path, out: Path) -> None:
-    """An MLflow transformers model directory (model/ + components/tokenizer/) -> a plain HF directory at `out`."""
-    os.replace(mlflow_model / "model", out)
-    for f in (mlflow_model / "components" / "tokenizer").iterdir():
-        os.replace(f, out / f.name)
-    shutil.copy2(mlflow_model / "MLmodel", out / "MLmodel")  # where it came from, for a reader
+def to_hf_dir(mlflow_model: Path) -> Path:
+    """An MLflow transformers model directory (model/ + components/tokenizer/) made a plain HF directory in place: the
+    tokenizer files (and MLmodel, saying where it came from) moved into model/, which is returned."""
+    hf = mlflow_model / "model"
+    for f in [*(mlflow_model / "components" / "tokenizer").iterdir(), mlflow_model / "MLmodel"]:
+        os.replace(f, hf / f.name)
+    return hf
 
 
 def registry_dir(cache: Path, name: str, version: str) -> Path:
@@ -162,10 +162,8 @@ def download(uri: str, name_or_uri: str, cache: Path) -> tuple[str, str]:
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tmp-") as tmp:
             got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri))
             if not (out / "config.json").exists():
-                if (got / "MLmodel").exists():  # an MLflow transformers model
-                    to_hf_dir(got, out)
-                else:  # registered before models were MLflow models: a plain HF folder
-                    os.replace(got, out)
+                # an MLflow transformers model, or a plain HF folder (versions registered before models were MLflow models)
+                os.replace(to_hf_dir(got) if (got / "MLmodel").exists() else got, out)
     return str(out), mv.version
 
 
