@@ -379,8 +379,14 @@ def evaluate_and_log(cfg: Config, inp: Inputs, ref, model_dir: Path, use_gpu: bo
 
 
 def log_model(cfg: Config, tracker, model_dir: Path, out_dir: Path) -> bool:
-    """The exported model (and with a merged LoRA the adapter) as run artifacts; False when MLflow lost them."""
-    tracker.call("model artifacts", tracker.client.log_artifacts, str(model_dir), "model")
+    """The exported model as an MLflow transformers model (the run's Logged models, its eval metrics linked: logged
+    after them) and with a merged LoRA the adapter as artifacts; an unmerged adapter as artifacts `model`. False
+    when MLflow lost them."""
+    tracker.flush()  # the eval metrics, to link them to the model
+    if (model_dir / "config.json").exists():
+        tracker.call("model", register.log_mlflow_model, tracker.client, model_dir, cfg.model.trust_remote_code)
+    else:
+        tracker.call("model artifacts", tracker.client.log_artifacts, str(model_dir), "model")
     if cfg.train.lora and cfg.train.lora.merge and (out_dir / "adapter").exists():
         tracker.call("adapter artifacts", tracker.client.log_artifacts, str(out_dir / "adapter"), "adapter")
     return not tracker.down

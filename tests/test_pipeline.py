@@ -96,8 +96,14 @@ def test_mlflow_run_has_metrics_params_and_artifacts(cli_run):
     assert "hf_s3cret_value" not in config_text and "hf_s3cret_value" not in (Path(s["output_dir"]) / "config.yaml").read_text()
     assert run.data.tags["reference_cache_key"] == s["reference_cache"]["key"]
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "data_stats.json", "model", "summary.json", "rejects.jsonl"} <= arts
-    assert "model/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"config.yaml", "data_stats.json", "summary.json", "rejects.jsonl"} <= arts
+    # the model: an MLflow transformers model, the run's one Logged model, with the run's eval metrics
+    [model] = client.search_logged_models([run.info.experiment_id])
+    assert model.source_run_id == run.info.run_id and model.name == "model" and model.status.name == "READY"
+    assert {m.key: m.value for m in model.metrics}["eval/rewards/accuracies"] == pytest.approx(s["eval"]["rewards/accuracies"])
+    assert {m.key: m.value for m in model.metrics}["eval/win_rate"] == pytest.approx(s["eval"]["win_rate"])  # generation metrics too
+    assert {"MLmodel", "model", "components"} <= {a.path for a in client.list_logged_model_artifacts(model.model_id)}
+    assert "model/model.safetensors" in {a.path for a in client.list_logged_model_artifacts(model.model_id, "model")}
     table = json.loads(Path(client.download_artifacts(run.info.run_id, "eval_generations.json")).read_text())
     rows = [dict(zip(table["columns"], r)) for r in table["data"]]
     assert len(rows) == 8 and {"prompt", "chosen", "reference", "policy", "judge_policy", "judge_reference", "verdict"} <= set(rows[0])

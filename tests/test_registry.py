@@ -2,17 +2,22 @@
 
 First run: a base model trains and becomes the champion. A new data file arrives: `retrain` starts from
 models:/NAME@champion, registers a challenger, compares it with the champion on the same eval set, moves
-the alias. The same inputs again: nothing to do. An overlapping invocation is refused by the lock.
+the alias. The same inputs again: nothing to do. An overlapping invocation is refused by the lock. The
+registered model is an MLflow transformers model that `mlflow models serve` serves; versions registered before
+that (a plain HF folder) still download and load.
 """
 import json
+import os
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from conftest import small_config
+from conftest import MlflowServer, free_port, small_config
 from dpo_ray.config import load_config
 from pipeline.artifacts import LockedError
 
@@ -27,20 +32,37 @@ def rest(server, method, path, body=None):
         return json.loads(r.read())
 
 
-def test_register_retrain_promote_and_lock(tmp_path, cache_dir, small_pairs, demo_model, ray_local, mlflow_server):
-    import mlflow
-    from mlflow.tracking import MlflowClient
-    from transformers import AutoModelForCausalLM
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server
+    server.stop()
 
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, cache_dir, small_pairs, demo_model, ray_local, mlflow_server):
+    """The first run of the registry: a base model trains on day 1's data and becomes the champion (v1)."""
     from pipeline.run import run
 
+    tmp_path = tmp_path_factory.mktemp("registry")
     data = tmp_path / "incoming"
     data.mkdir()
     lines = small_pairs.read_text().splitlines(keepends=True)
     (data / "day1.jsonl").write_text("".join(lines[:120]))
     base = small_config(tmp_path, cache_dir, data, **{"mlflow.tracking_uri": mlflow_server.uri, "registry.name": NAME,
                                                       "mlflow.experiment": "retrain"})
-    first = run(load_config("configs/demo.yaml", base))
+    return SimpleNamespace(tmp_path=tmp_path, data=data, lines=lines, base=base, summary=run(load_config("configs/demo.yaml", base)))
+
+
+def test_register_retrain_promote_and_lock(first_run, cache_dir, mlflow_server):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextGenerationPipeline
+
+    from pipeline import register
+    from pipeline.run import run
+
+    tmp_path, data, lines, base, first = first_run.tmp_path, first_run.data, first_run.lines, first_run.base, first_run.summary
     reg = first["registry"]
     assert reg["decision"] == "promoted" and reg["champion_version"] is None and reg["challenger_version"] == "1"
 
@@ -48,7 +70,17 @@ def test_register_retrain_promote_and_lock(tmp_path, cache_dir, small_pairs, dem
     assert client.get_model_version_by_alias(NAME, "champion").version == "1"
     run1 = client.get_run(first["mlflow_run_id"])
     assert run1.info.status == "FINISHED" and run1.data.tags["registry.decision"] == "promoted"
-    assert {"model", "config.yaml", "curves.png", "summary.json"} <= {a.path for a in client.list_artifacts(run1.info.run_id)}
+    assert {"config.yaml", "curves.png", "summary.json"} <= {a.path for a in client.list_artifacts(run1.info.run_id)}
+    # the model is one of the run's Logged models, with the run's eval metrics, and the registered version's source
+    models = client.search_logged_models([run1.info.experiment_id])
+    assert [(m.name, m.source_run_id, m.status.name) for m in models] == [("model", run1.info.run_id, "READY")]
+    model = client.get_logged_model(models[0].model_id)
+    linked = {m.key: m.value for m in model.metrics}
+    assert linked["eval/rewards/accuracies"] == pytest.approx(first["eval"]["rewards/accuracies"])
+    assert all(k.startswith("eval/") for k in linked) and model.params["train.beta"] == "0.1"
+    assert [o.model_id for o in run1.outputs.model_outputs] == [model.model_id]
+    assert client.get_model_version(NAME, "1").source == f"models:/{model.model_id}"
+    assert [(v["name"], str(v["version"])) for v in json.loads(model.tags["mlflow.modelVersions"])] == [(NAME, "1")]
     assert run1.info.run_name.startswith("tiny-llama-data") and "-sigmoid-b0.1-lr0.003" in run1.info.run_name
     # the same facts through the REST API
     alias = rest(mlflow_server, "GET", f"/api/2.0/mlflow/registered-models/alias?name={NAME}&alias=champion")
@@ -57,14 +89,14 @@ def test_register_retrain_promote_and_lock(tmp_path, cache_dir, small_pairs, dem
     metrics = {m["key"]: m["value"] for m in found["runs"][0]["data"]["metrics"]}
     assert metrics["eval/rewards/accuracies"] == pytest.approx(first["eval"]["rewards/accuracies"]) and "train/loss" in metrics
 
-    # the registered champion is a plain HF directory
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(mlflow_server.uri)  # as a user loads it: tracking URI set, then a models:/ URI
-    try:
-        path = mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp_path / "dl"))
-    finally:
-        mlflow.set_tracking_uri(previous)
+    # the registered champion loads as MLflow transformers model, and from_pretrained on its download
+    with register.tracking_uri(mlflow_server.uri):  # as a user loads it: tracking URI set, then a models:/ URI
+        pipe = mlflow.transformers.load_model(f"models:/{NAME}@champion")
+    assert isinstance(pipe, TextGenerationPipeline) and pipe.tokenizer.chat_template
+    path, version = register.download(mlflow_server.uri, f"models:/{NAME}@champion", tmp_path / "dl")
+    assert version == "1"
     AutoModelForCausalLM.from_pretrained(path)
+    assert AutoTokenizer.from_pretrained(path).chat_template == pipe.tokenizer.chat_template
 
     # new data arrives; the scheduler retrains from the champion
     (data / "day2.jsonl").write_text("".join(lines[120:]))
@@ -100,3 +132,73 @@ def test_register_retrain_promote_and_lock(tmp_path, cache_dir, small_pairs, dem
         holder.kill()
         holder.wait()
     assert len(client.search_model_versions(f"name='{NAME}'")) == 2
+
+
+def test_champion_serves_chat(first_run, mlflow_server, tmp_path):
+    """`mlflow models serve -m models:/NAME@champion` on 127.0.0.1 answers an OpenAI-style chat request with the
+    champion's greedy reply, the one `mlflow.pyfunc.load_model` gives in process (the random tiny model's reply may
+    be blank: MLflow strips whitespace)."""
+    import mlflow
+
+    from pipeline import register
+
+    port, t0 = free_port(), time.time()
+    log, bin_dir = tmp_path / "serve.log", str(Path(sys.executable).parent)  # serve runs `uvicorn` from PATH: the venv's
+    proc = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
+                             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri, "PATH": bin_dir + os.pathsep + os.environ["PATH"]},
+                            stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.time() - t0 < 120, "mlflow models serve did not answer /ping in 120 s"
+                time.sleep(0.5)
+        started = time.time() - t0
+        # top_k 1: greedy (the text-generation pipeline samples by default, at temperature 0.7)
+        body = {"messages": [{"role": "user", "content": "What colour is the sky?"}], "max_tokens": 8, "top_k": 1}
+        req = urllib.request.Request(url + "/invocations", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            reply = json.loads(r.read())
+        print(f"serve: /ping after {started:.1f} s, reply after {time.time() - t0:.1f} s: {reply}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)  # mlflow and its uvicorn worker
+        proc.wait(timeout=30)
+    assert isinstance(reply, list) and len(reply) == 1  # one chat.completion per request
+    reply, choice = reply[0], reply[0]["choices"][0]
+    assert reply["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
+    assert 1 <= reply["usage"]["completion_tokens"] <= 8 and reply["usage"]["prompt_tokens"] > 8  # the chat template applied
+    with register.tracking_uri(mlflow_server.uri):
+        local = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(body)
+    assert local[0]["choices"][0]["message"]["content"] == choice["message"]["content"]
+
+
+def test_version_registered_before_mlflow_models(mlflow_server, demo_model, tmp_path):
+    """A version registered the old way (the HF folder as run artifact `model`, that folder its source) still
+    downloads to a directory that transformers loads, weights unchanged."""
+    import torch
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    from dpo_ray.model import load_tokenizer
+    from dpo_ray.tracking import ensure_experiment
+    from pipeline import register
+
+    client, name = MlflowClient(mlflow_server.uri), "dpo-old-layout"
+    run_id = client.create_run(ensure_experiment(mlflow_server.uri, "old-layout")).info.run_id
+    client.log_artifacts(run_id, demo_model, "model")
+    client.create_registered_model(name)
+    mv = client.create_model_version(name, source=client.get_run(run_id).info.artifact_uri + "/model", run_id=run_id)
+    client.set_registered_model_alias(name, "champion", mv.version)
+    path, version = register.download(mlflow_server.uri, f"models:/{name}@champion", tmp_path)
+    assert version == "1" and path == str(register.registry_dir(tmp_path, name, "1"))
+    got, want = AutoModelForCausalLM.from_pretrained(path), AutoModelForCausalLM.from_pretrained(demo_model)
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
+    assert load_tokenizer(path).chat_template == load_tokenizer(demo_model).chat_template
