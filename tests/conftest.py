@@ -95,7 +95,7 @@ def small_config(tmp_path: Path, cache_dir: Path, data: Path, **overrides) -> li
         "train.checkpoint_every": "3", "train.log_every": "2", "train.lr": "3e-3", "reference.batch_size": "32",
         "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
         # the random-weights demo model (configs/demo.yaml starts from its SFT'd copy) and no generations: seconds, not minutes
-        "model.policy": "demo:tiny-llama", "eval.generate.prompts": "0",
+        "model.policy": "demo:tiny-llama", "eval.generate.prompts": "0", "train.nll_weight": "0",
     }
     sets.update(overrides)
     return [f"{k}={v}" for k, v in sets.items()]
