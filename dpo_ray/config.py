@@ -25,7 +25,7 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     policy: str = Field("demo:tiny-llama", description=(
         "the model to train: a local Hugging Face directory, a hub id, models:/NAME@ALIAS or models:/NAME/VERSION from the "
-        "MLflow registry, or demo:tiny-llama (built offline)"))
+        "MLflow registry, or demo:tiny-llama (random weights, built offline) / demo:tiny-llama-sft (its SFT'd copy)"))
     reference: str | None = Field(None, description="the reference model, in the same forms as policy; None: the policy's starting weights")
     tokenizer: str | None = Field(None, description="the tokenizer, in the same forms as policy; None: the policy's")
     trust_remote_code: bool = Field(False, description="run code shipped with a model: only for models you trust")
