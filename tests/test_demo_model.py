@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,9 +98,14 @@ def generate(path: str, prompts: list[list[dict]], max_new_tokens: int = 48) -> 
     return [tok.decode(ids[enc["input_ids"].shape[1]:], skip_special_tokens=True) for ids in out]
 
 
-def test_the_sft_model_is_built_once_and_writes_replies_the_judge_scores_well(demo_model, cache_dir, caplog):
+def test_the_sft_model_is_built_once_and_writes_replies_the_judge_scores_well(demo_model, cache_dir, caplog, tmp_path):
     from dpo_ray.model import ModelError, resolve_model
 
+    if any(Path(demo_model).parent.glob("demo-tiny-llama-sft-*")):  # an earlier test built it: build it here again, to watch
+        (tmp_path / "models").mkdir()
+        os.symlink(demo_model, tmp_path / "models" / Path(demo_model).name)
+        cache_dir = tmp_path
+        demo_model = str(tmp_path / "models" / Path(demo_model).name)
     random_weights = (Path(demo_model) / "model.safetensors").read_bytes()
     with caplog.at_level(logging.INFO, logger="dpo_ray"):
         sft = resolve_model("demo:tiny-llama-sft", cache_dir)

@@ -100,11 +100,14 @@ def test_register_retrain_promote_and_lock(first_run, cache_dir, mlflow_server):
 
     # new data arrives; the scheduler retrains from the champion
     (data / "day2.jsonl").write_text("".join(lines[120:]))
-    retrain_sets = base + [f"model.policy=models:/{NAME}@champion", "output_dir=" + str(tmp_path / "retrain")]
+    # the gate decides on the judge's win rate here: the champion's replies are generated and judged as the challenger's
+    retrain_sets = base + [f"model.policy=models:/{NAME}@champion", "output_dir=" + str(tmp_path / "retrain"), "registry.metric=win_rate",
+                           "eval.generate.prompts=8", "eval.generate.max_new_tokens=12", "eval.judge.function=tests.judges_for_tests:words"]
     second = run(load_config("configs/demo.yaml", retrain_sets), retrain=True)
     reg = second["registry"]
-    assert reg["challenger_version"] == "2" and reg["champion_version"] == "1"
-    assert reg["champion_score"] == 0.5  # the champion is this run's reference: chance by construction
+    assert reg["challenger_version"] == "2" and reg["champion_version"] == "1" and reg["metric"] == "win_rate"
+    assert reg["challenger_score"] == second["eval"]["win_rate"]
+    assert reg["champion_score"] == 0.5  # the champion is this run's reference: its replies are the reference's, all ties
     want = "promoted" if reg["challenger_score"] >= 0.5 else "kept_champion"
     assert reg["decision"] == want and client.get_model_version_by_alias(NAME, "champion").version == ("2" if want == "promoted" else "1")
     assert client.get_model_version_by_alias(NAME, "challenger").version == "2"
