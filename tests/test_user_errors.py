@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(capsys, *args):
-    rc = main(["run", "configs/demo.yaml", *args])
+    rc = main(["run", "configs/demo.yaml", "--set", "model.policy=demo:tiny-llama", *args])  # the built model: no SFT pass first
     err = capsys.readouterr().err.strip()
     return rc, err
 
