@@ -5,6 +5,8 @@ them as one line and exits 2.
 """
 from __future__ import annotations
 
+import math
+
 import difflib
 import re
 from pathlib import Path
@@ -117,8 +119,20 @@ class LoraConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (one GPU each on GPUs)")
+    num_workers: int | tuple[int, int] = Field(1, description=(
+        "Ray Train workers (one GPU each on GPUs); [min, max]: elastic, the run starts once min workers can be placed, "
+        "uses up to max, shrinks to the workers left when a node is lost (from the last checkpoint) and grows back when "
+        "nodes return; the pairs of an optimizer step stay train.pairs_per_step whatever the number"))
+    pairs_per_step: int | None = Field(None, ge=1, description=(
+        "pairs of an optimizer step; None: batch_size_per_worker x num_workers (its max) x grad_accum_steps. With fewer "
+        "workers, gradient accumulation takes up the rest, so the updates do not depend on the cluster's size"))
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
+    worker_resources: dict[str, float] = Field(default_factory=dict, description=(
+        "more Ray resources each train worker needs besides its CPUs and GPU, e.g. a custom resource that only the "
+        "training nodes have ({trainer: 1} with `ray start --resources='{\"trainer\": 1}'`)"))
+    resize_interval_s: float = Field(60.0, gt=0, description=(
+        "elastic runs: how often a healthy run asks whether more workers could be placed (it then grows, from the "
+        "last checkpoint)"))
     cpus_per_worker: float | None = Field(None, description=(
         "CPUs per train worker; None: at most 1, fitted into the CPUs Ray has, leaving 0.5 CPU for data"))
     torch_threads: int | None = Field(None, description="torch threads per worker; None: the machine's cores divided among local workers")
@@ -182,6 +196,9 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between Ray Train checkpoints")
     log_every: int = Field(10, ge=1, description="optimizer steps between progress lines (loss, rewards, tokens/s, ETA)")
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the last checkpoint when a worker dies")
+    placement_timeout_s: float | None = Field(600, gt=0, description=(
+        "how long training waits for its workers to be placed (at the start, and after a lost node) before it stops "
+        "with a message naming the missing resources; None: wait for ever"))
     max_nonfinite_steps: int = Field(3, ge=1, description="consecutive skipped (NaN/inf) steps before the run stops")
     storage_path: str | None = Field(None, description=(
         "Ray Train storage (checkpoints): a path or a pyarrow.fs URI (s3://...); None: <output_dir>/ray_train"))
@@ -207,6 +224,40 @@ class TrainConfig(_Strict):
         from .losses import LossSpec
 
         return LossSpec.from_config(self)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
+
+    @property
+    def step_pairs(self) -> int:
+        """The pairs of an optimizer step, the same at every number of workers."""
+        return self.pairs_per_step or self.batch_size_per_worker * self.max_workers * self.grad_accum_steps
+
+    def accum_for(self, world: int) -> int:
+        """Micro-batches of batch_size_per_worker pairs per worker and step with `world` workers."""
+        return self.step_pairs // (self.batch_size_per_worker * world)
+
+    @model_validator(mode="after")
+    def _workers_fit_the_step(self) -> "TrainConfig":
+        lo, hi = self.min_workers, self.max_workers
+        if lo < 1 or hi < lo:
+            raise ValueError(f"train.num_workers: {list(self.num_workers) if self.elastic else self.num_workers} is not a "
+                             "number >= 1 or [min, max] with 1 <= min <= max")
+        bad = [w for w in range(lo, hi + 1) if self.step_pairs % (self.batch_size_per_worker * w)]
+        if bad:
+            raise ValueError(f"train.pairs_per_step: {self.step_pairs} pairs are not a whole number of micro-batches of "
+                             f"batch_size_per_worker={self.batch_size_per_worker} on {bad[0]} worker(s); with num_workers "
+                             f"{lo}..{hi} use a multiple of {math.lcm(*range(lo, hi + 1)) * self.batch_size_per_worker}")
+        return self
 
     @model_validator(mode="after")
     def _offload_needs_fsdp(self) -> "TrainConfig":

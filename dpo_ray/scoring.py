@@ -3,7 +3,11 @@ LD-DPO shared parts `<prefix>chosen_shared_logps` / `<prefix>rejected_shared_log
 min(|chosen|, |rejected|) reply tokens: any train.ld_alpha reads them from one pass); with wpo=True also
 `<prefix>chosen_wpo_logweight` / `<prefix>rejected_wpo_logweight` (the policy's WPO log-weights, for evaluation).
 
-Used by the reference stage (prefix "ref_") and by evaluation (prefix "policy_"). The model is loaded
+Used by the reference stage (prefix "ref_") and by evaluation (prefix "policy_"). The reference stage marks its eval rows
+with a boolean `check` column: those are scored a second time, in the same forwards, into `check_*` columns, the
+reference's own eval check from the same model load (pipeline/evaluate.py). The same forwards, because in bf16 other
+micro-batches move a sum by up to 3e-3 of its size on this CPU (other packing, other accumulation order), a noise
+that would read as accuracy; the check is of the cache's round trip and of the scorer's determinism. The model is loaded
 once per actor and kept across batches; forward only, under inference_mode, in the policy's own numerics:
 fp32 weights, and bf16 autocast where training uses it (train.bf16), through the same PolicyLogps forward; with
 train.strategy=fsdp and bf16, bf16 weights, as FSDP2's mixed precision computes with bf16 copies of them; likewise
@@ -54,26 +58,47 @@ class LogpsScorer:
         self.max_tokens = max_tokens  # packed tokens per forward; None: the whole block in one forward
         self.outputs = ("logps", "shared") + (("wpo",) if wpo else ())
         self.names = {"logps": "logps", "shared": "shared_logps", "wpo": "wpo_logweight"}
+        self.check_outputs = ("logps", "shared", "wpo")  # the check scores what evaluation of any loss reads
 
-    def logps(self, cols: dict) -> dict[str, torch.Tensor]:
+
+    def logps(self, cols: dict, extras: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         """{output: (2B,) float32 on the CPU, order [chosen; rejected]}, from rows of token ids and loss masks."""
+        extras = self.outputs[1:] if extras is None else extras
         with torch.inference_mode(), self.precision:
-            logps, _, extras = self.model(self.model.collate(cols, self.pad_id, self.device, extras=self.outputs[1:]))
+            logps, _, extras = self.model(self.model.collate(cols, self.pad_id, self.device, extras=extras))
         return {"logps": logps.float().cpu(), **{k: v.float().cpu() for k, v in extras.items()}}
 
     def __call__(self, table: pa.Table) -> pa.Table:
         """The block's pairs sorted by length and scored in forwards of at most max_tokens packed tokens each (a longer
-        pair alone); the log-probs are put back in the block's row order."""
+        pair alone); the log-probs are put back in the block's row order. Rows with `check` true are scored again, in
+        the same forwards, into check_* columns (NaN on the other rows)."""
         n = table.num_rows
-        groups = token_budget_groups(pair_tokens(table), self.max_tokens) if self.max_tokens else [list(range(n))]
-        values = {k: np.zeros(2 * n, dtype=np.float32) for k in self.outputs}
+        tokens = pair_tokens(table)
+        groups = token_budget_groups(tokens, self.max_tokens) if self.max_tokens else [list(range(n))]
+        table = self._append(table, self.prefix, self._score(table, groups, self.outputs), self.outputs)
+        if "check" in table.column_names:  # the same forwards again (those holding a checked row), kept for checked rows
+            check = np.array(table["check"].to_pylist(), dtype=bool)
+            values = self._score(table, [g for g in groups if check[g].any()], self.check_outputs)
+            for v in values.values():
+                v[~np.concatenate([check, check])] = np.nan
+            table = self._append(table, "check_", values, self.check_outputs)
+        return table
+
+    def _score(self, table: pa.Table, groups: list[list[int]], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """{output: (2n,) float32, [chosen; rejected] in row order}; rows in no group stay NaN."""
+        n = table.num_rows
+        values = {k: np.full(2 * n, np.nan, dtype=np.float32) for k in outputs}
         for idx in groups:
             part = table.take(pa.array(idx, type=pa.int64()))
             cols = {k: part.column(k).to_pylist() for k in ("chosen_input_ids", "rejected_input_ids", "chosen_loss_mask", "rejected_loss_mask")}
-            for k, out in self.logps(cols).items():
+            for k, out in self.logps(cols, outputs[1:]).items():
                 out = out.numpy().astype(np.float32)
                 values[k][idx], values[k][[n + i for i in idx]] = out[: len(idx)], out[len(idx):]
-        for k in self.outputs:
-            table = table.append_column(f"{self.prefix}chosen_{self.names[k]}", pa.array(values[k][:n], type=pa.float32()))
-            table = table.append_column(f"{self.prefix}rejected_{self.names[k]}", pa.array(values[k][n:], type=pa.float32()))
+        return values
+
+    def _append(self, table: pa.Table, prefix: str, values: dict, outputs: tuple[str, ...]) -> pa.Table:
+        n = table.num_rows
+        for k in outputs:
+            table = table.append_column(f"{prefix}chosen_{self.names[k]}", pa.array(values[k][:n], type=pa.float32()))
+            table = table.append_column(f"{prefix}rejected_{self.names[k]}", pa.array(values[k][n:], type=pa.float32()))
         return table

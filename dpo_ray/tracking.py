@@ -95,6 +95,9 @@ class RunLogger:
                     return None
                 time.sleep(self.backoff_s * 2**attempt)
 
+    def set_tag(self, key: str, value: str) -> None:
+        self.call(f"tag {key}", self.client.set_tag, key, value)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
@@ -158,6 +161,9 @@ def dataset_input(name: str, digest: str, source: str, context: str, profile: di
 
 class NoLogger:
     lost = 0
+
+    def set_tag(self, key, value) -> None:
+        pass
 
     def log_metrics(self, metrics, step) -> None:
         pass

@@ -10,6 +10,7 @@ packed tokens; the loss is a sum over pairs divided by the step's pair count, so
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -218,6 +220,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed + rank)
     torch.set_num_threads(t.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     device = ray.train.torch.get_device()
+    log.info("train: rank %d of %d on node %s", rank, world, ray.get_runtime_context().get_node_id())
     tracker = run_logger(config["tracking_uri"], config["run_id"], enabled=rank == 0)
     monitor = system_metrics(config["tracking_uri"], config["run_id"], "train_rank0", enabled=rank == 0 and cfg.mlflow.system_metrics)
 
@@ -225,11 +228,13 @@ def train_loop_per_worker(config: dict) -> None:
     # seeded permutation from the cached Parquet, prefetch_steps ahead
     index = RowIndex(config["train_files"], config["drop_ids"])
     reader = RowReader(index)
-    n_pairs, bs, accum = len(index), t.batch_size_per_worker, t.grad_accum_steps
-    pairs_per_step = bs * world * accum
+    # the pairs of a step are train.step_pairs at any world size (elastic runs): accumulation takes up the difference
+    n_pairs, bs, accum = len(index), t.batch_size_per_worker, t.accum_for(world)
+    pairs_per_step = t.step_pairs
     steps_per_epoch = n_pairs // pairs_per_step
     if steps_per_epoch == 0:
-        raise ValueError(f"train: {n_pairs} pairs are fewer than one step needs ({pairs_per_step} = batch_size_per_worker x workers x grad_accum_steps)")
+        raise ValueError(f"train: {n_pairs} pairs are fewer than one step needs ({pairs_per_step} = train.pairs_per_step, "
+                         f"or batch_size_per_worker x num_workers x grad_accum_steps)")
     total_steps = min(steps_per_epoch * t.epochs, t.max_steps or 10**12)
 
     # [2] model and optimizer: ddp (a full copy per worker) or fsdp (sharded), optionally LoRA (dpo_ray.parallel);
@@ -246,8 +251,14 @@ def train_loop_per_worker(config: dict) -> None:
         with ckpt.as_directory() as d:
             state = checkpoint.load(Path(d), policy, model, optimizer, fsdp, lora)
         start_step, loss_first = state["step"], state.get("loss_first")
-        log.info("rank %d: resumed from checkpoint at step %d", rank, start_step)
+        log.info("rank %d: resumed from checkpoint at step %d with %d worker(s)", rank, start_step, world)
+        if rank == 0 and ray.train.get_checkpoint():  # a restart of this run (a lost worker or node, a resize): say so in MLflow
+            tracker.set_tag(f"restart.step_{start_step}", f"resumed from the step-{start_step} checkpoint with {world} worker(s), "
+                                                         f"{accum} micro-batch(es) of {bs} pairs each")
     rows_of_step = lambda step: reader.read(step_positions(n_pairs, cfg.seed, step, steps_per_epoch, rank, world, bs, accum))
+    step_digest = lambda step: pairs_digest(np.concatenate([step_positions(n_pairs, cfg.seed, step, steps_per_epoch, r, world, bs, accum)  # noqa: E731
+                                                            for r in range(world)]))
+    delay = float(os.environ.get("DPO_RAY_STEP_DELAY_S", 0))  # fault tests only: paces the steps so a node can be killed mid-run
     batches = prefetched(rows_of_step, range(start_step, total_steps), ahead=t.prefetch_steps)
     if rank == 0:
         n_train = sum(p.numel() for p in parallel.trainable(model))
@@ -283,6 +294,11 @@ def train_loop_per_worker(config: dict) -> None:
 
         # metrics: means over workers from train_step; peaks: the largest worker's
         m["learning_rate"] = lr
+        m["world_size"] = world
+        if rank == 0:  # which pairs the step trained (over all ranks): the same at any world size, and after any restart
+            m["pairs_digest"] = step_digest(step)
+        if delay:
+            time.sleep(delay)
         step_times.append(time.time() - t0)
         m["tokens_per_second"] = m.pop("tokens") / step_times[-1]
         m["step_seconds"] = step_times[-1]
@@ -321,6 +337,13 @@ def train_loop_per_worker(config: dict) -> None:
     monitor.finish()
     if rank == 0:
         log.info("train: done, %d steps in %.0f s", total_steps - start_step, time.time() - t_start)
+
+
+def pairs_digest(positions) -> float:
+    """A step's pairs (their places in the row_id-ordered index) as one number: the first 48 bits of a SHA-1 of the
+    sorted positions, exact in a float64 metric."""
+    data = np.sort(np.asarray(positions, dtype=np.int64)).tobytes()
+    return float(int(hashlib.sha1(data).hexdigest()[:12], 16))
 
 
 def report(save, state: dict) -> None:

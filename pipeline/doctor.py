@@ -96,9 +96,9 @@ def _gpu_memory(cfg):
     t = cfg.train
     path = resolve_model(cfg.model.policy, model_root(cfg.cache_dir, cfg.output_dir))
     size = memory.model_size(path, cfg.model.trust_remote_code, cfg.model.hf_token, t.lora)
-    p = memory.plan(size, t.strategy, t.num_workers, t.cpu_offload, use_bf16(t.bf16, "cuda"), t.gradient_checkpointing,
+    p = memory.plan(size, t.strategy, t.min_workers, t.cpu_offload, use_bf16(t.bf16, "cuda"), t.gradient_checkpointing,
                     t.batch_size_per_worker, cfg.data.max_length)
-    what = f"plan {memory.human(p['total'])} per GPU ({t.strategy}, {t.num_workers} worker(s)), the GPU has {memory.human(gpu)}"
+    what = f"plan {memory.human(p['total'])} per GPU ({t.strategy}, {t.min_workers} worker(s)), the GPU has {memory.human(gpu)}"
     if not memory.fits(p, gpu):
         return FAIL, f"GPU memory: {what}: parameters and optimizer state alone do not fit; `dpo-ray run` names the options that do"
     if p["total"] > gpu:

@@ -1,7 +1,9 @@
 """Stage 4, evaluate: held-out preference accuracy and reward margin of a model against the cached reference.
 
-The same scorer as the reference stage computes the model's log-probs on the eval split; the
-reference model scored the same way must read 0.5 accuracy and 0 margin (a sanity check of the cache).
+The same scorer as the reference stage computes the model's log-probs on the eval split. The reference's own check,
+eval/reference/*: the reference stage scored every eval pair a second time, in the same forwards (its check_* columns,
+same model load); read as the policy against the cached ref_* columns they must give 0.5 accuracy and 0 margin. No
+model is loaded for it, and a sweep's trials read the same numbers.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from dpo_ray.metrics import dpo_metrics, pair_accuracies
 from dpo_ray.model import load_tokenizer
 
 from . import console
-from .reference import Reference, has_split, read_split, score, scoring_bf16
+from .reference import CHECK_COLUMNS, Reference, has_split, read_split, score, scoring_bf16
 
 log = logging.getLogger("dpo_ray")
 TIE_TOLERANCE = 1e-4  # reward units: batching differences move CPU fp32 log-probs by ~1e-6 of their size
@@ -30,11 +32,16 @@ TABLE_ROWS = 2000  # pairs in the eval_pairs table: those the model gets most wr
 EVAL_BATCH = 1024  # scored pairs per batch read back
 
 
-def evaluate_model(cfg, ref: Reference, model_path: str, tokenizer_path: str, use_gpu: bool, pairs: bool = False):
+def evaluate_model(cfg, ref: Reference, model_path: str | None, tokenizer_path: str, use_gpu: bool, pairs: bool = False):
     """eval/... metrics of a model; with pairs=True also (metrics, the per-pair table of the TABLE_ROWS pairs the model
-    gets most wrong, see pair_table). Streamed: the scored split is read in batches, the metrics are sums over them."""
+    gets most wrong, see pair_table). Streamed: the scored split is read in batches, the metrics are sums over them.
+    model_path None: the reference's own check, from the cached check_* columns (no model loaded)."""
     wpo = cfg.train.use_weighting
-    ds = score(read_split(ref.parts, "eval", ref.drop_ids), model_path, tokenizer_path, "policy_", cfg, use_gpu, wpo=wpo)
+    ds = read_split(ref.parts, "eval", ref.drop_ids)
+    if model_path is None:
+        ds = ds.rename_columns({c: "policy_" + c[len("check_"):] for c in CHECK_COLUMNS})
+    else:
+        ds = score(ds, model_path, tokenizer_path, "policy_", cfg, use_gpu, wpo=wpo)
     logps = [f"{who}_{side}_{kind}" for who in ("policy", "ref") for side in ("chosen", "rejected") for kind in ("logps", "shared_logps")]
     keep = logps + ["chosen_loss_mask", "rejected_loss_mask"] + (["policy_chosen_wpo_logweight", "policy_rejected_wpo_logweight"] if wpo else [])
     sums, n, worst = {}, 0, None
@@ -99,12 +106,12 @@ def pair_table(df, reward_margins, prefers_chosen, tokenizer_path: str, trust_re
 def run(cfg, ref: Reference, model_dir: Path, reference_path: str, tokenizer_path: str, use_gpu: bool, baseline: dict | None = None):
     """Returns (eval/... metrics for the trained model and eval/reference/... for the reference itself, the per-pair
     table of the trained model); ({}, None) without an eval split. `baseline`: the reference's metrics when already
-    known (a sweep scores them once for all its trials)."""
+    read (a sweep reads them once for all its trials)."""
     if not any(has_split(p, "eval") for p in ref.parts):
         log.warning("evaluate: no eval split (set data.eval or data.eval_fraction > 0); skipped")
         return {}, None
     trained, table = evaluate_model(cfg, ref, str(model_dir), tokenizer_path, use_gpu, pairs=True)
-    baseline = baseline or evaluate_model(cfg, ref, reference_path, tokenizer_path, use_gpu)
+    baseline = baseline or evaluate_model(cfg, ref, None, tokenizer_path, use_gpu)
     log.info("evaluate: %d pairs | trained: accuracy %.3f margin %.3f | reference: accuracy %.3f margin %.4f",
              trained["pairs"], trained["rewards/accuracies"], trained["rewards/margins"], baseline["rewards/accuracies"], baseline["rewards/margins"])
     return {**{f"eval/{k}": v for k, v in trained.items()}, **{f"eval/reference/{k}": v for k, v in baseline.items()}}, table

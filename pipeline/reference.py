@@ -6,9 +6,15 @@ ref_rejected_logps, ref_chosen_shared_logps, ref_rejected_shared_logps (LD-DPO's
 min(|chosen|, |rejected|) reply tokens), pair_tokens (the pair's packed length: chosen + rejected tail after the shared prompt, what the
 token budgets count). key = the file's prepared key (content, tokenizer, lengths) + reference weights + precision.
 Row groups of ROW_GROUP rows: the train workers read their rows by index, one row group per row (dpo_ray/rows.py).
+One pass per part: the splits it lacks are read as one Ray Dataset and scored by one actor pool (one model load per
+actor, whatever the number of splits); the eval rows are scored a second time, the same way, into check_*
+columns, the reference's own eval check (pipeline/evaluate.py reads it from the cache, no model loaded). Each scored
+block is written by a Ray task straight into its split's directory, named by its rows, so a retried task rewrites
+its own file.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from dpo_ray.forward import use_bf16
 from dpo_ray.model import fingerprint_model
@@ -29,7 +36,7 @@ from .prepare import Prepared
 from .storage import Location, open_location
 
 log = logging.getLogger("dpo_ray")
-VERSION = 3  # 2: pair_tokens column, row groups of ROW_GROUP rows, a manifest in each split's marker; 3: the LD-DPO
+VERSION = 4  # 4: one pass over the splits, the eval split's check_* columns; 2: pair_tokens column, row groups of ROW_GROUP rows, a manifest in each split's marker; 3: the LD-DPO
 # shared-part sums ref_{chosen,rejected}_shared_logps (so every loss, any ld_alpha included, reads one pass)
 ROW_GROUP = 64  # rows per Parquet row group: a train worker reading one row decodes its row group. Measured for 16 random
 # pairs of ~400-token sequences (local disk): 64 rows 27 ms, 16 rows 50 ms (more groups, more metadata), 1024 rows 206 ms
@@ -98,8 +105,34 @@ def scoring_precision_of(cfg, use_gpu: bool) -> dict:
     return {"bf16": bf16, "bf16_weights": scores_in_bf16_weights(cfg.train, bf16)}  # fsdp, or LoRA's bf16 base
 
 
-def add_pair_tokens(table: pa.Table) -> pa.Table:
-    return table.append_column("pair_tokens", pa.array(pair_tokens(table), type=pa.int32()))
+def add_pair_tokens(table: pa.Table, dest: str | None = None, check: bool = False) -> pa.Table:
+    """The pair_tokens column; with `dest`, also where the row is written (a key of write_split_files' dirs) and
+    whether it gets the eval check."""
+    table = table.append_column("pair_tokens", pa.array(pair_tokens(table), type=pa.int32()))
+    if dest is None:
+        return table
+    n = table.num_rows
+    return table.append_column("dest", pa.array([dest] * n, type=pa.string())).append_column("check", pa.array([check] * n))
+
+
+CHECK_COLUMNS = [f"check_{side}_{kind}" for side in ("chosen", "rejected") for kind in ("logps", "shared_logps", "wpo_logweight")]
+
+
+def write_split_files(table: pa.Table, dirs: dict) -> pa.Table:
+    """A Ray task: writes a scored block's rows into their directories (dirs: {dest: (filesystem, path, checked)}), one
+    file per dest named by a hash of its row ids (a retried task writes the same name), without the dest and check
+    columns (and the check_* ones where unchecked). Returns one row per file written: dest, file, rows."""
+    out = {"dest": [], "file": [], "rows": []}
+    for dest, (fs, path, checked) in dirs.items():
+        part = table.filter(pc.equal(table["dest"], dest))
+        if not part.num_rows:
+            continue
+        drop = ["dest", "check"] + ([] if checked else CHECK_COLUMNS)
+        part = part.drop_columns([c for c in drop if c in part.column_names])
+        name = f"{fingerprint(part['row_id'].to_pylist())}.parquet"
+        pq.write_table(part, f"{path.rstrip('/')}/{name}", filesystem=fs, row_group_size=ROW_GROUP)
+        out["dest"].append(dest), out["file"].append(name), out["rows"].append(part.num_rows)
+    return pa.table(out, schema=pa.schema([("dest", pa.string()), ("file", pa.string()), ("rows", pa.int64())]))
 
 
 def score(ds, model_path: str, tokenizer_path: str, prefix: str, cfg, use_gpu: bool, wpo: bool = False):
@@ -127,16 +160,14 @@ def score(ds, model_path: str, tokenizer_path: str, prefix: str, cfg, use_gpu: b
 def run(cfg, prepared: Prepared, reference_path: str, tokenizer_path: str, use_gpu: bool) -> Reference:
     """Per prepared part and split: written aside and renamed into place when whole; the part is marked complete
     last. A run killed midway leaves nothing that looks finished, and the next run reuses what is."""
-    import ray
-
     model_key = fingerprint_model(reference_path)
     cache = open_location(cfg.cache_dir)
-    parts, hits = [], []
+    parts, hits, todo, queued = [], [], [], set()
     for part in prepared.parts:
         key = fingerprint("reference", VERSION, part.key, model_key, scoring_precision(**scoring_precision_of(cfg, use_gpu)))
         out = cache / "reference" / key
         parts.append(out)
-        hits.append(part_complete(out))
+        hits.append(part_complete(out) or str(out) in queued)  # the same content in two files: scored once
         if hits[-1]:
             log.info("reference: cache hit for %s (%s): the reference model is not run", part.file.name, out)
             continue
@@ -148,20 +179,46 @@ def run(cfg, prepared: Prepared, reference_path: str, tokenizer_path: str, use_g
             if is_complete(out / split):
                 log.info("reference: reusing the finished %s split of %s from an interrupted run", split, part.file.name)
                 continue
-            r = cfg.reference
-            log.info("reference: scoring %s (%s split) with %s on %d to %d actor(s) -> %s", part.file.name, split, reference_path,
-                     min(r.min_actors, r.num_actors), r.num_actors, out / split)
-            t0 = time.time()
-            with complete_dir(out / split) as tmp:
-                src = part.path / split
-                ds = ray.data.read_parquet(src.path, filesystem=src.fs).map_batches(add_pair_tokens, batch_format="pyarrow")
-                score(ds, reference_path, tokenizer_path, "ref_", cfg, use_gpu).write_parquet(tmp.path, filesystem=tmp.fs, row_group_size=ROW_GROUP)
-            (pairs, tokens), seconds = split_rows(out / split), max(time.time() - t0, 1e-9)
-            log.info("reference: %s split scored: %d pairs, %d packed tokens in %.1f s: %.1f pairs/s, %.0f tokens/s",
-                     split, pairs, tokens, seconds, pairs / seconds, tokens / seconds)
+            todo.append((part, out, split))
+            queued.add(str(out))
+    if todo:
+        score_splits(cfg, todo, reference_path, tokenizer_path, use_gpu)
+    for part, out, hit in zip(prepared.parts, parts, hits):
+        if hit:
+            continue
         (out / "key.json").write_text(json.dumps({"prepared": part.key, "file": str(part.file), "reference_model": reference_path}) + "\n")
         (out / DONE).write_text("ok\n")
     return Reference(parts, fingerprint("reference", [p.name for p in parts]), all(hits), prepared.drop_ids)
+
+
+def score_splits(cfg, todo: list[tuple], reference_path: str, tokenizer_path: str, use_gpu: bool) -> None:
+    """Every (prepared part, its reference dir, split) of `todo`, scored in one Ray Data pass (one actor pool, one
+    model load per actor) and written into <reference dir>/<split>, each complete (marker and manifest) once the
+    pass has ended. Eval rows get the check_* columns."""
+    import ray
+
+    r = cfg.reference
+    log.info("reference: scoring %s with %s on %d to %d actor(s), one pass", ", ".join(f"{p.file.name} ({s})" for p, _, s in todo),
+             reference_path, min(r.min_actors, r.num_actors), r.num_actors)
+    t0 = time.time()
+    with contextlib.ExitStack() as stack:
+        dirs, datasets = {}, []
+        for i, (part, out, split) in enumerate(todo):
+            d = stack.enter_context(complete_dir(out / split))
+            dirs[str(i)] = (d.fs, d.path, split == "eval")
+            src = part.path / split
+            datasets.append(ray.data.read_parquet(src.path, filesystem=src.fs).map_batches(
+                add_pair_tokens, batch_format="pyarrow", fn_kwargs={"dest": str(i), "check": split == "eval"}))
+        ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+        files = score(ds, reference_path, tokenizer_path, "ref_", cfg, use_gpu).map_batches(
+            write_split_files, batch_format="pyarrow", batch_size=None, fn_kwargs={"dirs": dirs}).take_all()
+    seconds = max(time.time() - t0, 1e-9)
+    for i, (part, out, split) in enumerate(todo):
+        pairs, tokens = split_rows(out / split)
+        log.info("reference: %s %s split: %d pairs in %d file(s), %d packed tokens -> %s", part.file.name, split, pairs,
+                 sum(f["dest"] == str(i) for f in files), tokens, out / split)
+    pairs = sum(f["rows"] for f in files)
+    log.info("reference: %d pairs scored in %.1f s: %.1f pairs/s", pairs, seconds, pairs / seconds)
 
 
 def split_rows(split: Location) -> tuple[int, int]:

@@ -115,11 +115,12 @@ def plan_resources(cfg: Config) -> tuple[bool, float]:
     cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
     t, r = cfg.train, cfg.reference
     use_gpu = t.use_gpu if t.use_gpu is not None else gpus >= 1
-    if use_gpu and gpus < t.num_workers:
-        raise ResourceError(f"train.use_gpu needs {t.num_workers} GPU(s), the Ray cluster has {gpus:g}; lower train.num_workers or set train.use_gpu=false")
-    cpw = t.cpus_per_worker or min(1.0, (cpus - DATA_HEADROOM_CPUS) / t.num_workers)
-    if cpw <= 0 or t.num_workers * cpw + DATA_HEADROOM_CPUS > cpus + 1e-9:
-        raise ResourceError(f"train needs {t.num_workers} x {cpw:g} CPUs plus {DATA_HEADROOM_CPUS} for data, the Ray cluster has {cpus:g}; "
+    n = t.min_workers  # elastic runs start with min and grow into what the cluster gains
+    if use_gpu and gpus < n:
+        raise ResourceError(f"train.use_gpu needs {n} GPU(s), the Ray cluster has {gpus:g}; lower train.num_workers or set train.use_gpu=false")
+    cpw = t.cpus_per_worker or min(1.0, (cpus - DATA_HEADROOM_CPUS) / t.max_workers)
+    if cpw <= 0 or n * cpw + DATA_HEADROOM_CPUS > cpus + 1e-9:
+        raise ResourceError(f"train needs {n} x {cpw:g} CPUs plus {DATA_HEADROOM_CPUS} for data, the Ray cluster has {cpus:g}; "
                             f"lower train.num_workers or train.cpus_per_worker")
     if use_gpu and gpus < r.gpus_per_actor:
         raise ResourceError(f"reference.gpus_per_actor is {r.gpus_per_actor}, the Ray cluster has {gpus:g} GPU(s); lower it")
@@ -152,16 +153,16 @@ def check_memory(cfg: Config, policy_path: str, use_gpu: bool) -> dict:
     t = cfg.train
     bf16 = use_bf16(t.bf16, "cuda" if use_gpu else "cpu")
     size = memory.model_size(policy_path, cfg.model.trust_remote_code, cfg.model.hf_token, t.lora)
-    p = memory.plan(size, t.strategy, t.num_workers, t.cpu_offload, bf16, t.gradient_checkpointing, t.batch_size_per_worker, cfg.data.max_length)
+    p = memory.plan(size, t.strategy, t.min_workers, t.cpu_offload, bf16, t.gradient_checkpointing, t.batch_size_per_worker, cfg.data.max_length)
     gpu = gpu_memory_bytes(cfg, use_gpu)
     where = "per GPU" if gpu else "per worker (host memory)"
     log.info("train: memory plan %s for %s params (%s trainable), %s x %d worker(s)%s%s: %s", where, f"{size.params:,}", f"{size.trainable:,}",
-             t.strategy, t.num_workers, " + cpu offload" if t.cpu_offload else "", f", LoRA r={t.lora.r}" if t.lora else "", memory.describe(p))
+             t.strategy, t.min_workers, " + cpu offload" if t.cpu_offload else "", f", LoRA r={t.lora.r}" if t.lora else "", memory.describe(p))
     if gpu and not memory.fits(p, gpu):
         lora_size = memory.model_size(policy_path, cfg.model.trust_remote_code, cfg.model.hf_token, LoraConfig()) if t.lora is None else None
         options = memory.alternatives(size, lora_size, gpu, bf16)
         raise ResourceError(f"train: parameters and optimizer state need {(p['parameters'] + p['optimizer']) / memory.GB:.1f} GB per GPU "
-                            f"({t.strategy}, {t.num_workers} worker(s)), a GPU has {gpu / memory.GB:.1f} GB; "
+                            f"({t.strategy}, {t.min_workers} worker(s)), a GPU has {gpu / memory.GB:.1f} GB; "
                             + ("options that fit: " + "; ".join(options) if options else "no strategy fits this GPU"))
     if gpu and p["total"] > gpu:
         log.warning("train: the plan's estimate (%.1f GB) is over the GPU's %.1f GB: lower train.batch_size_per_worker or data.max_length, "

@@ -340,7 +340,7 @@ def shared_stages(cfg: Config, values: dict, inp: Inputs, use_gpu: bool) -> tupl
         record.write_text(json.dumps({"reference_seconds": seconds["reference_seconds"]}) + "\n")
     seconds["reference_seconds_measured"] = json.loads(record.read_text())["reference_seconds"] if record.is_file() else None
     # the reference scored against its own cache (eval/reference/...: chance accuracy, zero margin), once for all trials
-    baseline = evaluate.evaluate_model(cfg, ref, ref_path, tok_path, use_gpu) if any(evaluate.has_split(p, "eval") for p in ref.parts) else None
+    baseline = evaluate.evaluate_model(cfg, ref, None, tok_path, use_gpu) if any(evaluate.has_split(p, "eval") for p in ref.parts) else None
     group = {"prepared": prepared, "reference": ref, "reference_path": ref_path, "tokenizer_path": tok_path, "baseline": baseline,
              "tokenizer": load_tokenizer(tok_path, cfg.model.trust_remote_code, cfg.model.hf_token)}
     return group, seconds
@@ -382,10 +382,10 @@ def concurrency(cfg: Config, use_gpu: bool) -> int:
         return cfg.sweep.max_concurrent
     res = ray.cluster_resources()
     _, cpw = plan_resources(cfg)
-    per_trial = max(cfg.train.num_workers * cpw, cfg.reference.cpus_per_actor) + TRIAL_CPUS
+    per_trial = max(cfg.train.max_workers * cpw, cfg.reference.cpus_per_actor) + TRIAL_CPUS
     n = int((res.get("CPU", 0) - DATA_HEADROOM_CPUS + 1e-9) // per_trial)
     if use_gpu:
-        n = min(n, int(res.get("GPU", 0) // cfg.train.num_workers))
+        n = min(n, int(res.get("GPU", 0) // cfg.train.max_workers))
     return max(1, n)
 
 

@@ -1,10 +1,14 @@
 """Stage 3, train: Ray Train TorchTrainer over dpo_ray.train_loop.train_loop_per_worker -> final checkpoint."""
 from __future__ import annotations
 
+import logging
+import math
+import os
 from pathlib import Path
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.constants import DEFAULT_WORKER_GROUP_START_TIMEOUT_S, WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 
 from dpo_ray import checkpoint
 from dpo_ray.rows import CacheReadError
@@ -14,8 +18,10 @@ from . import console
 from .artifacts import fingerprint
 from .reference import split_files
 
+log = logging.getLogger("dpo_ray")
+
 # train config keys that change how the work is split over workers or logged, not what is computed
-WORKER_LAYOUT = {"max_failures", "log_every", "num_workers", "batch_size_per_worker", "grad_accum_steps", "cpus_per_worker",
+WORKER_LAYOUT = {"max_failures", "placement_timeout_s", "worker_resources", "resize_interval_s", "log_every", "num_workers", "batch_size_per_worker", "grad_accum_steps", "pairs_per_step", "cpus_per_worker",
                  "torch_threads", "use_gpu", "cpu_offload", "gpu_memory_gb", "resume_from", "prefetch_steps"}
 
 
@@ -31,7 +37,7 @@ def run(cfg, ref, policy_path: str, pad_id: int, use_gpu: bool, cpus_per_worker:
         problem = checkpoint.mismatch(Path(t.resume_from), t.strategy, t.lora is not None)
         if problem:
             raise TrainingError(f"train.resume_from: {problem}")
-    name = name or "dpo-" + fingerprint(ref.key, policy_path, t.model_dump(exclude=WORKER_LAYOUT), t.batch_size_per_worker * t.num_workers * t.grad_accum_steps, cfg.seed)
+    name = name or "dpo-" + fingerprint(ref.key, policy_path, t.model_dump(exclude=WORKER_LAYOUT), t.step_pairs, cfg.seed)
     storage = cfg.train.storage_path or str(Path(cfg.output_dir).resolve() / "ray_train")
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -40,21 +46,53 @@ def run(cfg, ref, policy_path: str, pad_id: int, use_gpu: bool, cpus_per_worker:
                            # the workers read their own rows of each step from these files (dpo_ray/rows.py): no Ray
                            # Dataset, so nothing of the train set passes through the object store
                            "train_files": split_files(ref.parts, "train"), "drop_ids": list(ref.drop_ids)},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        scaling_config=ScalingConfig(num_workers=(t.min_workers, t.max_workers) if t.elastic else t.max_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker, **t.worker_resources},
+                                     elastic_resize_monitor_interval_s=t.resize_interval_s),
+        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(
+                                 max_failures=t.max_failures, controller_failure_limit=placement_tries(t.placement_timeout_s)),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
     )
+    if t.elastic:
+        log.info("train: elastic, %d to %d worker(s) of %s; %d pairs a step at any size", t.min_workers, t.max_workers,
+                 worker_resources(use_gpu, cpus_per_worker, t.worker_resources), t.step_pairs)
     try:
         return trainer.fit()
     except Exception as e:  # Ray wraps worker errors; surface the ones a user acts on as one line
-        raise training_error(e) from e
+        raise training_error(e, t, use_gpu, cpus_per_worker) from e
+
+
+def worker_resources(use_gpu: bool, cpus_per_worker: float, extra: dict | None = None) -> str:
+    return "{" + ", ".join([f"CPU: {cpus_per_worker:g}"] + (["GPU: 1"] if use_gpu else []) + [f"{k}: {v:g}" for k, v in (extra or {}).items()]) + "}"
+
+
+def placement_tries(timeout_s: float | None) -> int:
+    """Ray Train's controller_failure_limit for train.placement_timeout_s: each try to place the workers waits
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default) before it counts as a failure; -1: wait forever."""
+    if timeout_s is None:
+        return -1
+    per_try = float(os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, DEFAULT_WORKER_GROUP_START_TIMEOUT_S))
+    return max(0, math.ceil(timeout_s / per_try) - 1)
+
+
+def placement_message(t, use_gpu: bool, cpus_per_worker: float) -> str:
+    """One line: what training waited for, what the cluster has now, and what to change."""
+    import ray
+
+    free = ray.available_resources() if ray.is_initialized() else {}
+    alive = sum(1 for n in (ray.nodes() if ray.is_initialized() else []) if n.get("Alive"))
+    want = t.min_workers
+    return (f"train: {want} worker(s) of {worker_resources(use_gpu, cpus_per_worker, t.worker_resources)} could not be placed within "
+            f"train.placement_timeout_s={t.placement_timeout_s:g} s (after {t.max_failures} restart(s)); the cluster has "
+            f"{alive} node(s) alive, {free.get('CPU', 0):g} CPU(s) and {free.get('GPU', 0):g} GPU(s) free; bring the lost "
+            f"node(s) back, or set train.num_workers lower or to [min, max] (elastic)")
 
 
 class TrainingError(RuntimeError):
     """Training stopped for a reason the user can act on (non-finite loss, a cached file that cannot be read)."""
 
 
-def training_error(err: BaseException) -> BaseException:
+def training_error(err: BaseException, t=None, use_gpu: bool = False, cpus_per_worker: float = 1.0) -> BaseException:
     seen, e = set(), err
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -62,6 +100,8 @@ def training_error(err: BaseException) -> BaseException:
             return TrainingError(str(e))
         e = e.__cause__ or e.__context__
     text = str(err)
+    if t is not None and "WorkerGroupStartupTimeoutError" in f"{type(err).__name__} {text}":
+        return TrainingError(placement_message(t, use_gpu, cpus_per_worker))
     for name in ("FloatingPointError: ", "CacheReadError: "):  # a worker's exception arrives as text in Ray's WorkerGroupError
         if name in text:
             return TrainingError(text.split(name, 1)[1].splitlines()[0])

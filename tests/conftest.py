@@ -3,9 +3,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
+
+from pipeline.storage import Location
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -153,3 +161,59 @@ def mlflow_server(tmp_path):
     server = MlflowServer(tmp_path).start()
     yield server
     server.stop()
+
+
+BUCKET = "dpo-cache"
+
+
+class S3Server:
+    """moto_server on a free port. The first three requests may be unsigned (they create an IAM user, its policy and
+    access key); every later one must be signed with that key."""
+
+    def __init__(self, log: Path):
+        self.port = free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        moto = str(Path(sys.executable).parent / "moto_server")
+        self.proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL,
+                                     stderr=open(log, "ab"), start_new_session=True,
+                                     env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://{self.endpoint}/moto-api/", timeout=2).close()
+                break
+            except OSError:
+                assert self.proc.poll() is None and time.time() < deadline, log.read_text()[-2000:]
+                time.sleep(0.3)
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=f"http://{self.endpoint}", region_name="us-east-1",
+                           aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+        iam.create_user(UserName="dpo-ray")
+        iam.put_user_policy(UserName="dpo-ray", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="dpo-ray")["AccessKey"]
+        self.env = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        self.fs = pafs.S3FileSystem(access_key=key["AccessKeyId"], secret_key=key["SecretAccessKey"], region="us-east-1",
+                                    endpoint_override=self.endpoint, scheme="http", allow_bucket_creation=True)
+        self.fs.create_dir(BUCKET)
+
+    def uri(self, prefix: str) -> str:
+        return f"s3://{BUCKET}/{prefix}?endpoint_override={self.endpoint}&scheme=http"
+
+    def loc(self, prefix: str) -> Location:
+        return Location(self.fs, f"{BUCKET}/{prefix}", "s3")
+
+    def at(self, shown: str) -> Location:
+        """A location from how a summary shows it (s3://bucket/path)."""
+        return Location(self.fs, shown.removeprefix("s3://"), "s3")
+
+    def listing(self, prefix: str) -> dict:
+        infos = self.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
+        return {i.path: (i.size, i.mtime) for i in infos if i.type == pafs.FileType.File}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server this fixture started (its own process group)
+            self.proc.wait(timeout=30)

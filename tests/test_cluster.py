@@ -1,8 +1,11 @@
-"""The pipeline as a Ray job on a real two-node cluster started with `ray start` (token auth on, the default).
+"""The pipeline as a Ray job on a real three-node cluster started with `ray start` (token auth on, the default).
 
-The cluster is this module's own: a head (2 CPUs) and a second node (1 CPU), each a `ray start --block`
-in its own process group with its own ports and a short temp dir, stopped with killpg. Never `ray stop`:
-it stops every Ray process of the user, including other test sessions' runtimes.
+The cluster is this module's own: a head (2 CPUs) and two worker nodes, node_a and node_b (1 CPU and one `trainer`
+resource each, so the train workers spread one per worker node), each a `ray start --block` in its own process
+group with its own ports and a short temp dir, stopped with killpg. Never `ray stop`: it stops every Ray process of
+the user, including other test sessions' runtimes. A node is lost by SIGKILL of its raylet and every process it
+started, and comes back with a fresh `ray start`. The cache and the checkpoints live on S3 (moto_server), the runs
+on a real `mlflow server`: nothing leans on a path only one node has.
 """
 from __future__ import annotations
 
@@ -20,11 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, small_config
+from conftest import ROOT, MlflowServer, S3Server, free_port, small_config
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).parent / "ray")
 JOB_TIMEOUT = 600
+NODES = {"node_a": {"node_a": 1, "trainer": 1}, "node_b": {"node_b": 1, "trainer": 1}}  # a resource naming each node
 
 
 def free_ports(n: int) -> list[int]:
@@ -51,17 +55,24 @@ def proc_table() -> dict[int, tuple[int, str]]:
 
 
 class LocalCluster:
-    """A head and one more node on this machine. The dashboard binds 127.0.0.1; Ray 2.60 replaces a node IP of
-    127.0.0.1 with the machine's address (and its GCS port listens on all interfaces): token auth guards it."""
+    """A head and named worker nodes on this machine. The dashboard binds 127.0.0.1; Ray 2.60 replaces a node IP of
+    127.0.0.1 with the machine's address (and its GCS port listens on all interfaces): token auth guards it.
+    FAST_FAILURE: a lost node is declared dead after ~3 s of failed health checks (Ray's default ~30 s), and Ray
+    Train gives up a try to place its workers after 10 s (default 60 s), so the tests see what users see, sooner."""
+
+    FAST_FAILURE = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+                    "RAY_health_check_failure_threshold": "3", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
 
     def __init__(self, head_cpus: int = 2, worker_cpus: int = 1):
         self.temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # unix socket paths must stay short
-        self.port, self.dashboard_port, self.client_port, agent_head, agent_worker = free_ports(5)
+        self.port, self.dashboard_port, self.client_port, agent_head = free_ports(4)
         self.gcs_address = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.procs: list[subprocess.Popen] = []
-        self.head_cpus, self.worker_cpus, self.agent_ports = head_cpus, worker_cpus, (agent_head, agent_worker)
+        self.nodes: dict[str, subprocess.Popen] = {}  # worker nodes by name: their `ray start` process
+        self.head_cpus, self.worker_cpus, self.agent_head = head_cpus, worker_cpus, agent_head
         self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "MLFLOW_TRACKING_URI")}
+        self.env.update(self.FAST_FAILURE)
         self.common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
 
     def start_head(self) -> None:
@@ -70,21 +81,47 @@ class LocalCluster:
         self._start("head", self.env, ["--head", f"--port={self.port}", f"--num-cpus={self.head_cpus}",
                                        "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                                        f"--ray-client-server-port={self.client_port}", f"--temp-dir={self.temp_dir}",
-                                       f"--dashboard-agent-listen-port={self.agent_ports[0]}"] + self.common)
+                                       f"--dashboard-agent-listen-port={self.agent_head}"] + self.common)
 
-    def start_worker(self) -> None:
+    def start_worker(self, name: str = "w", resources: dict | None = None) -> None:
         # RAY_AUTH_MODE=token here too, or the head refuses the node (and `ray start` retries forever).
         # A temp dir of its own: nodes on one machine sharing one would share runtime_resources/, and the
         # second node unpacking a job's working_dir removes the directory the job is running in.
-        self._start("worker", {**self.env, "RAY_AUTH_MODE": "token"},
-                    [f"--address={self.gcs_address}", f"--num-cpus={self.worker_cpus}", f"--temp-dir={self.temp_dir}/w",
-                     f"--dashboard-agent-listen-port={self.agent_ports[1]}"] + self.common)
+        args = [f"--address={self.gcs_address}", f"--num-cpus={self.worker_cpus}", f"--temp-dir={self.temp_dir}/{name}",
+                f"--dashboard-agent-listen-port={free_ports(1)[0]}"]
+        if resources:
+            args.append(f"--resources={json.dumps(resources)}")
+        self.nodes[name] = self._start(name, {**self.env, "RAY_AUTH_MODE": "token"}, args + self.common)
 
-    def _start(self, name: str, env: dict, args: list[str]) -> None:
+    def kill_node(self, name: str) -> float:
+        """SIGKILL a worker node: its raylet and every process it started (as a lost machine); returns the time."""
+        proc = self.nodes.pop(name)
+        table = proc_table()
+        doomed, grew = {proc.pid}, True
+        while grew:
+            new = {pid for pid, (ppid, _) in table.items() if ppid in doomed and pid not in doomed}
+            doomed |= new
+            grew = bool(new)
+        doomed |= {pid for pid, (_, cmd) in table.items() if f"{self.temp_dir}/{name}/" in cmd or cmd.endswith(f"{self.temp_dir}/{name}")}
+        at = time.time()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in doomed - {os.getpid()}:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+        return at
+
+    def _start(self, name: str, env: dict, args: list[str]) -> subprocess.Popen:
         log = open(Path(self.temp_dir) / f"{name}.log", "ab")
         self.procs.append(subprocess.Popen([RAY, "start", *args], stdout=log, stderr=subprocess.STDOUT, env=env,
                                            stdin=subprocess.DEVNULL, start_new_session=True))
         log.close()
+        return self.procs[-1]
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(Path(self.temp_dir).glob("*.log")))
@@ -103,14 +140,15 @@ class LocalCluster:
         active = out.split("Active:", 1)[-1].split("Pending:", 1)[0] if "Active:" in out else ""
         return len(re.findall(r"^\s*\d+ node_[0-9a-f]+", active, re.M))
 
-    def wait_for_nodes(self, n: int, timeout: float = 300) -> None:
+    def wait_for_nodes(self, n: int, timeout: float = 300, poll: float = 3) -> float:
+        """Until `ray status` shows exactly n nodes alive (more or fewer: a node joining or one declared dead); the time."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            for p in self.procs:
+            for p in [self.procs[0], *self.nodes.values()]:
                 assert p.poll() is None, f"`ray start` exited with {p.returncode}\n{self.logs()}"
-            if self.alive_nodes() >= n:
-                return
-            time.sleep(3)
+            if self.alive_nodes() == n:
+                return time.time()
+            time.sleep(poll)
         raise TimeoutError(f"the cluster did not show {n} nodes in {timeout:.0f} s\n{self.logs()}")
 
     def ours(self) -> dict[int, str]:
@@ -157,8 +195,9 @@ def cluster():
     try:
         c.start_head()
         c.wait_for_nodes(1)
-        c.start_worker()
-        c.wait_for_nodes(2)
+        for name in NODES:
+            c.start_worker(name, NODES[name])
+        c.wait_for_nodes(3)
         yield c
     finally:
         c.stop()
@@ -174,35 +213,215 @@ def test_job_client_without_token_mode_is_refused(cluster):
     assert listed.returncode == 0 and "raysubmit_" not in listed.stdout + listed.stderr, listed.stderr[-2000:]
 
 
-def test_pipeline_job_on_two_node_cluster(cluster, tmp_path, cache_dir, small_pairs, demo_model):
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    """The S3 server (cache and checkpoints) and the MLflow server the jobs write to; every node reaches both."""
+    root = tmp_path_factory.mktemp("services")
+    s3 = S3Server(root / "moto.log")
+    mlflow_server = MlflowServer(root).start()
+    yield s3, mlflow_server
+    mlflow_server.stop()
+    s3.stop()
+
+
+STEPS, CHECKPOINT_EVERY = 40, 4
+
+
+def elastic_sets(tmp_path: Path, s3, mlflow_uri: str, small_pairs, name: str, **extra) -> list[str]:
+    """Two train workers at most, one per worker node (each has one `trainer`), 4 pairs a step at any size; fp32 so
+    that runs of other world sizes agree to rounding; cache and checkpoints on S3, the run on the MLflow server."""
+    return small_config(tmp_path.resolve(), s3.uri("cache"), Path(small_pairs).resolve(), **{
+        "train.num_workers": "[1, 2]", "train.worker_resources": '{"trainer": 1}', "train.cpus_per_worker": "1",
+        "train.batch_size_per_worker": "2", "train.pairs_per_step": "4", "train.strategy": "ddp", "train.max_steps": str(STEPS), "train.checkpoint_every": str(CHECKPOINT_EVERY),
+        "train.max_failures": "3", "train.resize_interval_s": "5", "train.bf16": "false", "train.lr": "1e-3",
+        "train.storage_path": s3.uri(f"ray/{name}"), "mlflow.tracking_uri": mlflow_uri, "mlflow.run_name": name,
+        "mlflow.system_metrics": "false", "reference.num_actors": "2", "data.eval_fraction": "0.1", **extra})
+
+
+def submit(cluster, sid: str, sets: list[str], env: dict, wait: bool = True) -> subprocess.CompletedProcess:
+    """deploy/kuberay/rayjob.yaml's entrypoint, `python -m pipeline.job run configs/cluster.yaml`, with this machine's
+    paths and the tiny model set over it. The venv's python: a job's PATH is the one `ray start` had."""
+    entrypoint = [sys.executable, "-m", "pipeline.job", "run", "configs/cluster.yaml"] + [a for s in sets for a in ("--set", s)]
+    return cluster.ray("job", "submit", "--address", cluster.dashboard, "--submission-id", sid, "--working-dir", str(ROOT),
+                       "--runtime-env-json", json.dumps({"env_vars": env}), *([] if wait else ["--no-wait"]), "--", *entrypoint,
+                       timeout=JOB_TIMEOUT)
+
+
+def job_status(cluster, sid: str) -> str:
+    out = cluster.ray("job", "status", "--address", cluster.dashboard, sid)
+    return out.stdout + out.stderr
+
+
+def job_logs(cluster, sid: str) -> str:
+    return cluster.ray("job", "logs", "--address", cluster.dashboard, sid).stdout
+
+
+def wait_job(cluster, sid: str, timeout: float = JOB_TIMEOUT) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = job_status(cluster, sid)
+        if any(f"Job '{sid}' {end}" in status for end in ("succeeded", "failed", "stopped")):
+            return status
+        time.sleep(2)
+    raise TimeoutError(f"job {sid} did not end in {timeout:.0f} s")
+
+
+def explain(cluster, sid: str) -> str:
+    return f"=== ray job logs {sid}\n{job_logs(cluster, sid)[-20000:]}\n=== cluster\n{cluster.logs()}"
+
+
+def history(client, run_id: str, key: str) -> dict[int, tuple[float, int]]:
+    """{step: (value, timestamp ms)} of a metric: the last value logged at each step (a step redone after a restart
+    is logged again)."""
+    out = {}
+    for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step)):
+        out[m.step] = (m.value, m.timestamp)
+    return out
+
+
+def run_named(client, name: str):
+    for exp in client.search_experiments():
+        runs = client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{name}'")
+        if runs:
+            return runs[0]
+    return None
+
+
+@pytest.fixture(scope="module")
+def full_run(cluster, services, tmp_path_factory, small_pairs, demo_model):
+    """`dpo-ray run` as a Ray job on the 3-node cluster, elastic [1, 2] with nothing lost: the uninterrupted run the
+    elastic test compares with."""
+    s3, mlflow_server = services
+    tmp = tmp_path_factory.mktemp("full")
+    (tmp / "out" / "models").mkdir(parents=True)  # the demo model, built once for the session (an S3 cache keeps models here)
+    os.symlink(demo_model, tmp / "out" / "models" / Path(demo_model).name)
+    sid = f"dpo-ray-full-{uuid.uuid4().hex[:8]}"
+    t0 = time.time()
+    sub = submit(cluster, sid, elastic_sets(tmp, s3, mlflow_server.uri, small_pairs, sid), s3.env)
+    status = job_status(cluster, sid)
+    assert sub.returncode == 0 and f"Job '{sid}' succeeded" in status, f"submit rc={sub.returncode}\n{sub.stderr[-3000:]}\n{explain(cluster, sid)}"
+    return tmp / "out", sid, job_logs(cluster, sid), time.time() - t0
+
+
+def test_pipeline_job_on_three_node_cluster(cluster, services, full_run):
     from mlflow.tracking import MlflowClient
 
-    assert cluster.alive_nodes() == 2
-    # absolute paths: the job's cwd is a copy of the working dir in Ray's temp folder
-    sets = small_config(tmp_path.resolve(), Path(cache_dir).resolve(), Path(small_pairs).resolve())
-    out = tmp_path.resolve() / "out"
-    sid = f"dpo-ray-test-{uuid.uuid4().hex[:8]}"
-    # the venv's python: a job's PATH is the one `ray start` had, where `python` may not be this venv's
-    entrypoint = [sys.executable, "-m", "pipeline.job", "run", "configs/demo.yaml"] + [a for s in sets for a in ("--set", s)]
-    try:
-        sub = cluster.ray("job", "submit", "--address", cluster.dashboard, "--submission-id", sid,
-                          "--working-dir", str(ROOT), "--", *entrypoint, timeout=JOB_TIMEOUT)
-        status = cluster.ray("job", "status", "--address", cluster.dashboard, sid)
-        assert sub.returncode == 0 and f"Job '{sid}' succeeded" in status.stdout + status.stderr, (
-            f"submit rc={sub.returncode}\n{sub.stderr[-3000:]}\nstatus: {status.stdout[-1000:]}{status.stderr[-1000:]}")
-    except (AssertionError, subprocess.TimeoutExpired):
-        logs = cluster.ray("job", "logs", "--address", cluster.dashboard, sid)
-        print(f"=== ray job logs {sid}\n{logs.stdout[-20000:]}\n{logs.stderr[-3000:]}\n=== cluster\n{cluster.logs()}")
-        raise
-
+    s3, mlflow_server = services
+    out, sid, logs, _ = full_run
     summary = json.loads((out / "summary.json").read_text())
-    assert (out / "model" / "model.safetensors").is_file()
-    assert summary["output_dir"] == str(out) and summary["train"]["steps"] == 6
-    assert summary["tracking_uri"] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
-    client = MlflowClient(summary["tracking_uri"])
+    assert (out / "model" / "model.safetensors").is_file() and summary["train"]["steps"] == STEPS
+    assert summary["tracking_uri"] == mlflow_server.uri and summary["reference_cache"]["path"].startswith("s3://")
+    # the two train workers ran on two nodes, neither the head (only node_a and node_b have a `trainer`)
+    nodes = dict(re.findall(r"train: rank (\d) of 2 on node ([0-9a-f]+)", logs))
+    head = cluster.ray("status", "--address", cluster.gcs_address).stdout
+    assert set(nodes) == {"0", "1"} and nodes["0"] != nodes["1"], logs[-5000:]
+    assert s3.listing(f"ray/{sid}"), "no checkpoint on S3"
+    client = MlflowClient(mlflow_server.uri)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 6
+    sizes = history(client, run.info.run_id, "train/world_size")
+    assert sorted(sizes) == list(range(1, STEPS + 1)) and {v for v, _ in sizes.values()} == {2.0}, head
+
+
+def test_elastic_run_survives_a_lost_node_and_grows_back(cluster, services, full_run, tmp_path, small_pairs, demo_model):
+    """Kill node_a (its raylet and processes) after the first checkpoint: the run goes on with one worker from that
+    checkpoint, grows back to two when node_a returns, and finishes. Every step trained the same pairs as the
+    uninterrupted run, and its loss agrees to fp32 rounding."""
+    from mlflow.tracking import MlflowClient
+
+    s3, mlflow_server = services
+    full_out, full_sid, _, full_seconds = full_run
+    client = MlflowClient(mlflow_server.uri)
+    (tmp_path / "out" / "models").mkdir(parents=True)
+    os.symlink(demo_model, tmp_path / "out" / "models" / Path(demo_model).name)
+    sid = f"dpo-ray-elastic-{uuid.uuid4().hex[:8]}"
+    sub = submit(cluster, sid, elastic_sets(tmp_path, s3, mlflow_server.uri, small_pairs, sid), {**s3.env, "DPO_RAY_STEP_DELAY_S": "0.5"}, wait=False)
+    assert sub.returncode == 0, sub.stderr[-3000:]
+    try:
+        deadline, run = time.time() + 300, None
+        while time.time() < deadline:  # past the first checkpoint, with two workers
+            run = run or run_named(client, sid)
+            if run and max(history(client, run.info.run_id, "train/world_size") or [0]) >= CHECKPOINT_EVERY + 2:
+                break
+            assert "failed" not in job_status(cluster, sid), explain(cluster, sid)
+            time.sleep(0.5)
+        else:
+            raise TimeoutError("the elastic run did not pass its first checkpoint in 300 s")
+        before = history(client, run.info.run_id, "train/world_size")
+        killed = cluster.kill_node("node_a")
+        dead = cluster.wait_for_nodes(2, timeout=120, poll=0.5)
+        while True:  # the run goes on with one worker
+            sizes = history(client, run.info.run_id, "train/world_size")
+            resumed = [(ts, step) for step, (v, ts) in sizes.items() if v == 1.0]
+            if resumed:
+                break
+            assert "failed" not in job_status(cluster, sid) and time.time() < deadline + 300, explain(cluster, sid)
+            time.sleep(0.5)
+        first_ts, first_step = min(resumed)
+        cluster.start_worker("node_a", NODES["node_a"])
+        back = cluster.wait_for_nodes(3, timeout=120, poll=0.5)
+        status = wait_job(cluster, sid)
+        assert f"Job '{sid}' succeeded" in status, explain(cluster, sid)
+    except BaseException:
+        print(explain(cluster, sid))
+        raise
+
+    sizes = history(client, run.info.run_id, "train/world_size")
+    assert sorted(sizes) == list(range(1, STEPS + 1))
+    order = [v for _, (v, _) in sorted(sizes.items())]
+    assert 1.0 in order and order[-1] == 2.0 and order.index(1.0) > 0, order  # two, one after the loss, two again
+    last_before = max(before)
+    redone = last_before - (first_step - 1)  # steps trained before the loss and again after it
+    tags = client.get_run(run.info.run_id).data.tags
+    assert sum(k.startswith("restart.") for k in tags) >= 2, tags  # the shrink and the growth
+    # the same pairs at every step, and the same losses as the uninterrupted run
+    full_run_id = json.loads((full_out / "summary.json").read_text())["mlflow_run_id"]
+    for key, rel_tol in (("train/pairs_digest", 0.0), ("train/loss", 1e-5)):
+        a, b = history(client, run.info.run_id, key), history(client, full_run_id, key)
+        assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+        for step in a:
+            assert abs(a[step][0] - b[step][0]) <= rel_tol * abs(b[step][0]) + 1e-7, (key, step, a[step][0], b[step][0])
+    cost = {"detect_s": round(dead - killed, 1), "restart_s": round(first_ts / 1000 - killed, 1), "steps_redone": redone,
+            "node_back_s": round(back - killed, 1), "uninterrupted_job_s": round(full_seconds, 1)}
+    print(f"node-loss cost: {json.dumps(cost)}")
+    (Path(os.environ.get("DPO_RAY_RESULTS", tmp_path)) / "node_loss.json").write_text(json.dumps(cost) + "\n")
+
+
+def test_fixed_workers_with_a_lost_node_stop_with_one_line(cluster, services, tmp_path, small_pairs, demo_model):
+    """num_workers 2 (fixed), one restart allowed: after node_b is lost the restart cannot place 2 workers; after
+    train.placement_timeout_s the job fails with one line naming what is missing, and nothing hangs."""
+    s3, mlflow_server = services
+    (tmp_path / "out" / "models").mkdir(parents=True)
+    os.symlink(demo_model, tmp_path / "out" / "models" / Path(demo_model).name)
+    sid = f"dpo-ray-fixed-{uuid.uuid4().hex[:8]}"
+    sets = elastic_sets(tmp_path, s3, mlflow_server.uri, small_pairs, sid, **{
+        "train.num_workers": "2", "train.strategy": "fsdp", "train.max_failures": "1", "train.placement_timeout_s": "15"})
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server.uri)
+    sub = submit(cluster, sid, sets, {**s3.env, "DPO_RAY_STEP_DELAY_S": "0.5"}, wait=False)
+    assert sub.returncode == 0, sub.stderr[-3000:]
+    try:
+        deadline, run = time.time() + 300, None
+        while time.time() < deadline:
+            run = run or run_named(client, sid)
+            if run and max(history(client, run.info.run_id, "train/world_size") or [0]) >= 2:
+                break
+            assert "failed" not in job_status(cluster, sid), explain(cluster, sid)
+            time.sleep(0.5)
+        killed = cluster.kill_node("node_b")
+        status = wait_job(cluster, sid, timeout=240)
+        ended = time.time()
+    finally:
+        if "node_b" not in cluster.nodes:
+            cluster.start_worker("node_b", NODES["node_b"])
+    logs = job_logs(cluster, sid)
+    assert f"Job '{sid}' failed" in status, logs[-5000:]
+    errors = [line for line in logs.splitlines() if line.startswith("dpo-ray: error:")]
+    assert len(errors) == 1, logs[-5000:]
+    assert "2 worker(s) of {CPU: 1, trainer: 1} could not be placed within train.placement_timeout_s=15 s" in errors[0], errors[0]
+    assert ended - killed < 180, ended - killed
+    cluster.wait_for_nodes(3, timeout=120)
 
 
 def test_cli_beside_a_cluster_runs_locally_and_a_driver_without_token_mode_is_told(cluster, tmp_path, cache_dir, small_pairs):
@@ -223,7 +442,7 @@ def test_cli_beside_a_cluster_runs_locally_and_a_driver_without_token_mode_is_to
     assert local.returncode == 0, local.stderr[-3000:]
     assert "starting a local Ray runtime" in local.stderr and "Connecting to existing Ray cluster" not in local.stderr
     assert json.loads(local.stdout)["data"]["train_rows"] > 0
-    assert cluster.alive_nodes() == 2
+    assert cluster.alive_nodes() == 3
 
     refused = subprocess.run(cmd + ["--address", cluster.gcs_address], capture_output=True, text=True, env=env,
                              cwd=ROOT, timeout=300)

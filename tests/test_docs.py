@@ -88,3 +88,21 @@ def test_doctor_says_pass_or_fail_per_check_and_its_exit_status_follows(tmp_path
     failed = [line.split()[1] for line in bad.stdout.splitlines() if line.startswith("FAIL")]
     assert failed == ["ray", "output_dir", "mlflow"] and "Traceback" not in bad.stderr
     assert "doctor: 3 check(s) failed" in bad.stdout
+
+
+def test_the_kuberay_rayjob_runs_the_tested_entrypoint_with_the_configs_worker_range():
+    """deploy/kuberay/rayjob.yaml submits what tests/test_cluster.py submits (configs/cluster.yaml through
+    pipeline.job), and its GPU worker group spans the config's elastic num_workers [min, max]."""
+    import yaml
+
+    from dpo_ray.config import load_config
+
+    job = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["spec"]["shutdownAfterJobFinishes"] is True
+    assert job["spec"]["entrypoint"] == "python -m pipeline.job run configs/cluster.yaml"
+    assert 'entrypoint = [sys.executable, "-m", "pipeline.job", "run", "configs/cluster.yaml"]' in (ROOT / "tests" / "test_cluster.py").read_text()
+    assert "working_dir" in yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    train = load_config(str(ROOT / "configs" / "cluster.yaml"), []).train
+    assert (group["minReplicas"], group["maxReplicas"], group["replicas"]) == (train.min_workers, train.max_workers, train.max_workers)
+    assert group["rayStartParams"]["num-gpus"] == "1"

@@ -122,6 +122,44 @@ def test_reference_scorer_by_token_budget_gives_each_row_its_own_logps(demo_mode
         assert split[k].to_numpy() == pytest.approx(whole[k].to_numpy(), rel=1e-5, abs=1e-4)
 
 
+def test_reference_scorer_checks_the_flagged_rows_in_other_forwards(demo_model):
+    """Rows flagged `check` (the eval split's) are scored a second time, in the same forwards, into check_* columns
+    (logps, shared sums, WPO weights): equal to the ref_* ones; NaN on the other rows."""
+    from dpo_ray.scoring import LogpsScorer
+
+    table = random_pairs(12, 4, vocab=400).drop_columns(["ref_chosen_logps", "ref_rejected_logps"])
+    flags = [i % 3 != 0 for i in range(12)]
+    scored = LogpsScorer(demo_model, demo_model, "ref_", max_tokens=150)(table.append_column("check", pa.array(flags)))
+    for side in ("chosen", "rejected"):
+        for kind in ("logps", "shared_logps"):
+            got, want = scored[f"check_{side}_{kind}"].to_numpy(), scored[f"ref_{side}_{kind}"].to_numpy()
+            assert np.isnan(got[~np.array(flags)]).all()
+            assert got[flags] == pytest.approx(want[flags], rel=1e-5, abs=1e-4)
+        weights = scored[f"check_{side}_wpo_logweight"].to_numpy()
+        assert np.isfinite(weights[flags]).all() and np.isnan(weights[~np.array(flags)]).all()
+
+
+def test_elastic_steps_hold_the_same_pairs_at_any_number_of_workers():
+    """train.num_workers [min, max]: accumulation takes up what fewer workers cannot hold, so a step's pairs (over all
+    ranks and micro-batches) are the same set at every world size; a pairs_per_step that does not split is refused."""
+    from pydantic import ValidationError
+
+    from dpo_ray.config import TrainConfig
+
+    t = TrainConfig(num_workers=[1, 2], batch_size_per_worker=2, grad_accum_steps=1)
+    assert (t.min_workers, t.max_workers, t.step_pairs, t.accum_for(1), t.accum_for(2)) == (1, 2, 4, 2, 1)
+    n, spe, seed = 41, 41 // 4, 3
+    for step in (0, 5, spe + 2):
+        sets = {w: sorted(np.concatenate([step_positions(n, seed, step, spe, r, w, 2, t.accum_for(w)) for r in range(w)]).tolist())
+                for w in (1, 2)}
+        assert sets[1] == sets[2] and len(sets[1]) == 4
+    with pytest.raises(ValidationError, match="use a multiple of 12"):
+        TrainConfig(num_workers=[2, 3], batch_size_per_worker=2)
+    with pytest.raises(ValidationError, match=r"1 <= min <= max"):
+        TrainConfig(num_workers=[3, 2])
+    assert TrainConfig(num_workers=3, batch_size_per_worker=2).step_pairs == 6  # a plain number as before
+
+
 def test_step_positions_cover_each_epoch_once_per_rank_and_step():
     n, bs, accum, world, seed = 103, 3, 2, 4, 7
     spe = n // (bs * accum * world)

@@ -77,7 +77,7 @@ def test_grid_sweep_shares_one_reference_pass_and_nests_child_runs(grid_sweep):
 
     tmp, s, _, _, (first, second) = grid_sweep
     # the reference ran once (in the first invocation), never per trial, and the rerun found it in the cache
-    assert first.count("reference: scoring pairs.jsonl (train split)") == 1
+    assert first.count("reference: scoring pairs.jsonl (train), pairs.jsonl (eval) with") == 1  # one pass, both splits
     assert "reference: scoring" not in second and "reference: cache hit for pairs.jsonl" in second
     assert s["cost"]["reference_passes"] == 1 and s["cost"]["reference_seconds_one_pass_per_trial"] > 0
     by_beta = {t["overrides"]["train.beta"]: t for t in s["trials"]}
