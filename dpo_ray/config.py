@@ -99,6 +99,11 @@ class ReferenceConfig(_Strict):
     gpus_per_actor: int = Field(1, ge=1, description=(
         "more than 1: a reference model too big for one GPU is split over the actor's GPUs (transformers "
         "device_map=\"auto\"); the log says how it was placed"))
+    actor_resources: dict[str, float] = Field(default_factory=dict, description=(
+        "more Ray resources each scoring actor needs besides its CPUs and GPUs (a custom resource of the nodes it may use)"))
+    max_failures: int = Field(2, ge=0, description=(
+        "passes started again when the cluster loses a node, an actor or a block mid-pass (what was written is "
+        "discarded; the cache ends as an uninterrupted pass would write it)"))
 
 
 LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",

@@ -153,6 +153,7 @@ def score(ds, model_path: str, tokenizer_path: str, prefix: str, cfg, use_gpu: b
         batch_format="pyarrow", batch_size=r.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=min(r.min_actors, r.num_actors), max_size=r.num_actors),
         num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor if use_gpu else 0,
+        **({"resources": dict(r.actor_resources)} if r.actor_resources else {}),
     )
 
 
@@ -194,13 +195,36 @@ def run(cfg, prepared: Prepared, reference_path: str, tokenizer_path: str, use_g
 def score_splits(cfg, todo: list[tuple], reference_path: str, tokenizer_path: str, use_gpu: bool) -> None:
     """Every (prepared part, its reference dir, split) of `todo`, scored in one Ray Data pass (one actor pool, one
     model load per actor) and written into <reference dir>/<split>, each complete (marker and manifest) once the
-    pass has ended. Eval rows get the check_* columns."""
-    import ray
-
+    pass has ended. Eval rows get the check_* columns. A pass that loses part of the cluster is started again, up to
+    reference.max_failures times."""
     r = cfg.reference
     log.info("reference: scoring %s with %s on %d to %d actor(s), one pass", ", ".join(f"{p.file.name} ({s})" for p, _, s in todo),
              reference_path, min(r.min_actors, r.num_actors), r.num_actors)
     t0 = time.time()
+    for attempt in range(r.max_failures + 1):
+        try:
+            files = score_pass(cfg, todo, reference_path, tokenizer_path, use_gpu)
+            break
+        except Exception as e:
+            lost = lost_to_the_cluster(e)
+            if lost is None or attempt == r.max_failures:
+                raise
+            log.warning("reference: the pass lost %s; its files are discarded and the pass starts again (%d of "
+                        "reference.max_failures=%d)", lost, attempt + 1, r.max_failures)
+    seconds = max(time.time() - t0, 1e-9)
+    for i, (part, out, split) in enumerate(todo):
+        pairs, tokens = split_rows(out / split)
+        log.info("reference: %s %s split: %d pairs in %d file(s), %d packed tokens -> %s", part.file.name, split, pairs,
+                 sum(f["dest"] == str(i) for f in files), tokens, out / split)
+    pairs = sum(f["rows"] for f in files)
+    log.info("reference: %d pairs scored in %.1f s: %.1f pairs/s", pairs, seconds, pairs / seconds)
+
+
+def score_pass(cfg, todo: list[tuple], reference_path: str, tokenizer_path: str, use_gpu: bool) -> list[dict]:
+    """One Ray Data pass over every (part, dir, split) of `todo`; the splits are complete when it returns, and
+    nothing of them is left when it raises."""
+    import ray
+
     with contextlib.ExitStack() as stack:
         dirs, datasets = {}, []
         for i, (part, out, split) in enumerate(todo):
@@ -210,15 +234,24 @@ def score_splits(cfg, todo: list[tuple], reference_path: str, tokenizer_path: st
             datasets.append(ray.data.read_parquet(src.path, filesystem=src.fs).map_batches(
                 add_pair_tokens, batch_format="pyarrow", fn_kwargs={"dest": str(i), "check": split == "eval"}))
         ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-        files = score(ds, reference_path, tokenizer_path, "ref_", cfg, use_gpu).map_batches(
+        return score(ds, reference_path, tokenizer_path, "ref_", cfg, use_gpu).map_batches(
             write_split_files, batch_format="pyarrow", batch_size=None, fn_kwargs={"dirs": dirs}).take_all()
-    seconds = max(time.time() - t0, 1e-9)
-    for i, (part, out, split) in enumerate(todo):
-        pairs, tokens = split_rows(out / split)
-        log.info("reference: %s %s split: %d pairs in %d file(s), %d packed tokens -> %s", part.file.name, split, pairs,
-                 sum(f["dest"] == str(i) for f in files), tokens, out / split)
-    pairs = sum(f["rows"] for f in files)
-    log.info("reference: %d pairs scored in %.1f s: %.1f pairs/s", pairs, seconds, pairs / seconds)
+
+
+def lost_to_the_cluster(err: BaseException) -> str | None:
+    """What the cluster lost (a node, an actor, a worker, a block) when that is why `err` was raised; None for any
+    other error (a bad model, a full disk: a second pass would fail the same way)."""
+    from ray import exceptions as rx
+
+    kinds = (rx.NodeDiedError, rx.ObjectLostError, rx.OwnerDiedError, rx.WorkerCrashedError, rx.ActorUnavailableError,
+             rx.LocalRayletDiedError)
+    seen, e = set(), err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, kinds) or (isinstance(e, rx.ActorDiedError) and "node" in str(e).lower()):
+            return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def split_rows(split: Location) -> tuple[int, int]:

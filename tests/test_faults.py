@@ -146,9 +146,11 @@ def test_driver_killed_during_reference_leaves_nothing_half_done(tmp_path, cache
     ref_root = tmp_path / "cache" / "reference"
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and not list(ref_root.glob("*/train/_COMPLETE")):
+        while time.time() < deadline and not list(ref_root.glob("*/.tmp-eval-*")):  # the one pass over both splits began
             assert proc.poll() is None, "the reference stage ended before it could be killed"
             time.sleep(0.05)
+        time.sleep(0.5)
+        assert not list(ref_root.glob("*/_COMPLETE")), "the pass finished before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait(timeout=30)
     finally:
@@ -156,16 +158,20 @@ def test_driver_killed_during_reference_leaves_nothing_half_done(tmp_path, cache
             os.killpg(proc.pid, signal.SIGKILL)
     (key_dir,) = list(ref_root.iterdir())
     assert not (key_dir / "_COMPLETE").exists()
-    assert not (key_dir / "eval" / "_COMPLETE").exists()  # eval was not finished, so nothing says it was
-    train_files = {f: f.stat().st_mtime_ns for f in (key_dir / "train").iterdir()}
+    assert not any((key_dir / split / "_COMPLETE").exists() for split in ("train", "eval"))  # nothing says it finished
 
     s = run(load_config(None, sets), stages=("prepare", "reference"))
     assert s["reference_cache"]["path"] == str(key_dir) and not s["reference_cache"]["hit"]
-    assert (key_dir / "_COMPLETE").exists() and (key_dir / "eval" / "_COMPLETE").exists()
-    assert {f: f.stat().st_mtime_ns for f in (key_dir / "train").iterdir()} == train_files  # reused, not recomputed
-    # what the killed run left is only a .tmp-* directory, a name no reader takes for a finished split
+    assert (key_dir / "_COMPLETE").exists() and all((key_dir / split / "_COMPLETE").exists() for split in ("train", "eval"))
+    # what the killed run left is only .tmp-* directories, names no reader takes for a finished split
     assert {p.name for p in key_dir.iterdir() if not p.name.startswith(".tmp-")} == {"train", "eval", "key.json", "_COMPLETE"}
-
+    assert any(p.name.startswith(".tmp-") for p in key_dir.iterdir())
+    # a damaged split is scored again alone; the finished one is reused as it is
+    train_files = {f: f.stat().st_mtime_ns for f in (key_dir / "train").iterdir()}
+    (next((key_dir / "eval").glob("*.parquet"))).write_bytes(b"damaged")
+    s = run(load_config(None, sets), stages=("prepare", "reference"))
+    assert not s["reference_cache"]["hit"] and (key_dir / "eval" / "_COMPLETE").exists()
+    assert {f: f.stat().st_mtime_ns for f in (key_dir / "train").iterdir()} == train_files  # reused, not recomputed
 
 WRITER = """
 import sys, time
