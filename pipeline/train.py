@@ -83,7 +83,7 @@ def placement_message(t, use_gpu: bool, cpus_per_worker: float) -> str:
     alive = sum(1 for n in (ray.nodes() if ray.is_initialized() else []) if n.get("Alive"))
     want = t.min_workers
     return (f"train: {want} worker(s) of {worker_resources(use_gpu, cpus_per_worker, t.worker_resources)} could not be placed within "
-            f"train.placement_timeout_s={t.placement_timeout_s:g} s (after {t.max_failures} restart(s)); the cluster has "
+            f"train.placement_timeout_s={t.placement_timeout_s:g} s (train.max_failures={t.max_failures}); the cluster has "
             f"{alive} node(s) alive, {free.get('CPU', 0):g} CPU(s) and {free.get('GPU', 0):g} GPU(s) free; bring the lost "
             f"node(s) back, or set train.num_workers lower or to [min, max] (elastic)")
 
@@ -100,7 +100,8 @@ def training_error(err: BaseException, t=None, use_gpu: bool = False, cpus_per_w
             return TrainingError(str(e))
         e = e.__cause__ or e.__context__
     text = str(err)
-    if t is not None and "WorkerGroupStartupTimeoutError" in f"{type(err).__name__} {text}":
+    failure = getattr(err, "controller_failure", None)  # ray.train.ControllerError: what the controller raised
+    if t is not None and (type(failure).__name__ == "WorkerGroupStartupTimeoutError" or "worker group startup timed out" in text):
         return TrainingError(placement_message(t, use_gpu, cpus_per_worker))
     for name in ("FloatingPointError: ", "CacheReadError: "):  # a worker's exception arrives as text in Ray's WorkerGroupError
         if name in text:

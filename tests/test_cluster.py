@@ -238,10 +238,11 @@ def elastic_sets(tmp_path: Path, s3, mlflow_uri: str, small_pairs, name: str, **
         "mlflow.system_metrics": "false", "reference.num_actors": "2", "data.eval_fraction": "0.1", **extra})
 
 
-def submit(cluster, sid: str, sets: list[str], env: dict, wait: bool = True) -> subprocess.CompletedProcess:
+def submit(cluster, sid: str, sets: list[str], env: dict, wait: bool = True, stage: str = "run") -> subprocess.CompletedProcess:
     """deploy/kuberay/rayjob.yaml's entrypoint, `python -m pipeline.job run configs/cluster.yaml`, with this machine's
-    paths and the tiny model set over it. The venv's python: a job's PATH is the one `ray start` had."""
-    entrypoint = [sys.executable, "-m", "pipeline.job", "run", "configs/cluster.yaml"] + [a for s in sets for a in ("--set", s)]
+    paths and the tiny model set over it (stage "train": the same without evaluate). The venv's python: a job's PATH
+    is the one `ray start` had."""
+    entrypoint = [sys.executable, "-m", "pipeline.job", stage, "configs/cluster.yaml"] + [a for s in sets for a in ("--set", s)]
     return cluster.ray("job", "submit", "--address", cluster.dashboard, "--submission-id", sid, "--working-dir", str(ROOT),
                        "--runtime-env-json", json.dumps({"env_vars": env}), *([] if wait else ["--no-wait"]), "--", *entrypoint,
                        timeout=JOB_TIMEOUT)
@@ -335,7 +336,8 @@ def test_elastic_run_survives_a_lost_node_and_grows_back(cluster, services, full
     (tmp_path / "out" / "models").mkdir(parents=True)
     os.symlink(demo_model, tmp_path / "out" / "models" / Path(demo_model).name)
     sid = f"dpo-ray-elastic-{uuid.uuid4().hex[:8]}"
-    sub = submit(cluster, sid, elastic_sets(tmp_path, s3, mlflow_server.uri, small_pairs, sid), {**s3.env, "DPO_RAY_STEP_DELAY_S": "0.5"}, wait=False)
+    sub = submit(cluster, sid, elastic_sets(tmp_path, s3, mlflow_server.uri, small_pairs, sid), {**s3.env, "DPO_RAY_STEP_DELAY_S": "0.5"}, wait=False,
+                 stage="train")  # what a lost node changes: training (the evaluation is the uninterrupted run's)
     assert sub.returncode == 0, sub.stderr[-3000:]
     try:
         deadline, run = time.time() + 300, None
@@ -375,6 +377,7 @@ def test_elastic_run_survives_a_lost_node_and_grows_back(cluster, services, full
     tags = client.get_run(run.info.run_id).data.tags
     assert sum(k.startswith("restart.") for k in tags) >= 2, tags  # the shrink and the growth
     # the same pairs at every step, and the same losses as the uninterrupted run
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["train"]["steps"] == STEPS
     full_run_id = json.loads((full_out / "summary.json").read_text())["mlflow_run_id"]
     for key, rel_tol in (("train/pairs_digest", 0.0), ("train/loss", 1e-5)):
         a, b = history(client, run.info.run_id, key), history(client, full_run_id, key)
@@ -399,7 +402,7 @@ def test_fixed_workers_with_a_lost_node_stop_with_one_line(cluster, services, tm
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_server.uri)
-    sub = submit(cluster, sid, sets, {**s3.env, "DPO_RAY_STEP_DELAY_S": "0.5"}, wait=False)
+    sub = submit(cluster, sid, sets, {**s3.env, "DPO_RAY_STEP_DELAY_S": "0.5"}, wait=False, stage="train")
     assert sub.returncode == 0, sub.stderr[-3000:]
     try:
         deadline, run = time.time() + 300, None
