@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +32,15 @@ from .packing import pair_tokens, token_budget_groups
 log = logging.getLogger("dpo_ray")
 
 
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "-"
+    except Exception:  # outside Ray
+        return "-"
+
+
 def scoring_precision(bf16: bool, bf16_weights: bool = False) -> str:
     """Part of the reference cache key: log-probs computed one way are not reused for another."""
     return ("bf16-weights+bf16-autocast" if bf16_weights else "fp32-weights+bf16-autocast") if bf16 else "fp32"
@@ -40,6 +50,7 @@ class LogpsScorer:
     def __init__(self, model_path: str, tokenizer_path: str, prefix: str, trust_remote_code: bool = False, threads: int | None = None,
                  token: str | None = None, bf16: bool = False, attention: str = "sdpa", bf16_weights: bool = False,
                  max_tokens: int | None = None, wpo: bool = False):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")  # an actor's own process
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -57,6 +68,8 @@ class LogpsScorer:
         self.prefix = prefix
         self.max_tokens = max_tokens  # packed tokens per forward; None: the whole block in one forward
         self.outputs = ("logps", "shared") + (("wpo",) if wpo else ())
+        self.delay = float(os.environ.get("DPO_RAY_SCORE_DELAY_S", 0))  # fault tests only: paces the blocks
+        log.info("scoring actor for %s (%s) on node %s", model_path, prefix.rstrip("_"), _node_id())
         self.names = {"logps": "logps", "shared": "shared_logps", "wpo": "wpo_logweight"}
         self.check_outputs = ("logps", "shared", "wpo")  # the check scores what evaluation of any loss reads
 
@@ -73,6 +86,8 @@ class LogpsScorer:
         pair alone); the log-probs are put back in the block's row order. Rows with `check` true are scored again, in
         the same forwards, into check_* columns (NaN on the other rows)."""
         n = table.num_rows
+        if self.delay:
+            time.sleep(self.delay)
         tokens = pair_tokens(table)
         groups = token_budget_groups(tokens, self.max_tokens) if self.max_tokens else [list(range(n))]
         table = self._append(table, self.prefix, self._score(table, groups, self.outputs), self.outputs)

@@ -21,14 +21,17 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, MlflowServer, S3Server, free_port, small_config
+from pipeline.reference import part_complete, split_dir
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).parent / "ray")
 JOB_TIMEOUT = 600
-NODES = {"node_a": {"node_a": 1, "trainer": 1}, "node_b": {"node_b": 1, "trainer": 1}}  # a resource naming each node
+# a resource naming each node; train workers need a `trainer`, the reference test's scoring actors a `scorer`
+NODES = {"node_a": {"node_a": 1, "trainer": 1, "scorer": 1}, "node_b": {"node_b": 1, "trainer": 1, "scorer": 1}}
 
 
 def free_ports(n: int) -> list[int]:
@@ -425,6 +428,56 @@ def test_fixed_workers_with_a_lost_node_stop_with_one_line(cluster, services, tm
     assert "2 worker(s) of {CPU: 1, trainer: 1} could not be placed within train.placement_timeout_s=15 s" in errors[0], errors[0]
     assert ended - killed < 180, ended - killed
     cluster.wait_for_nodes(3, timeout=120)
+
+
+def test_reference_pass_survives_losing_an_actors_node(cluster, services, full_run, tmp_path, small_pairs, demo_model):
+    """Two scoring actors, one per worker node (each has one `scorer`); node_a is killed mid-pass and comes back. The
+    pass ends, the cache is complete, and its log-probs equal the uninterrupted pass's (the full run's)."""
+    s3, mlflow_server = services
+    full_out = full_run[0]
+    key_dir = s3.at(json.loads((full_out / "summary.json").read_text())["reference_cache"]["path"])
+    want = {split: read_split(key_dir, split) for split in ("train", "eval")}
+    s3.fs.delete_dir(key_dir.path)  # the next pass scores it again
+    (tmp_path / "out" / "models").mkdir(parents=True)
+    os.symlink(demo_model, tmp_path / "out" / "models" / Path(demo_model).name)
+    sid = f"dpo-ray-reference-{uuid.uuid4().hex[:8]}"
+    sets = elastic_sets(tmp_path, s3, mlflow_server.uri, small_pairs, sid, **{
+        "reference.num_actors": "2", "reference.min_actors": "2", "reference.actor_resources": '{"scorer": 1}',
+        "reference.batch_size": "8"})
+    sub = submit(cluster, sid, sets, {**s3.env, "DPO_RAY_SCORE_DELAY_S": "0.5"}, wait=False, stage="reference")
+    assert sub.returncode == 0, sub.stderr[-3000:]
+    try:
+        deadline = time.time() + 300
+        while len(re.findall(r"scoring actor for .* \(ref\) on node", job_logs(cluster, sid))) < 2:  # both actors scoring
+            assert time.time() < deadline and "failed" not in job_status(cluster, sid), explain(cluster, sid)
+            time.sleep(0.5)
+        time.sleep(2)
+        cluster.kill_node("node_a")
+        cluster.wait_for_nodes(2, timeout=120, poll=0.5)
+        cluster.start_worker("node_a", NODES["node_a"])  # a replacement node, as an autoscaler would start
+        status = wait_job(cluster, sid)
+        assert f"Job '{sid}' succeeded" in status, explain(cluster, sid)
+    except BaseException:
+        print(explain(cluster, sid))
+        raise
+    finally:
+        if "node_a" not in cluster.nodes:
+            cluster.start_worker("node_a", NODES["node_a"])
+    cluster.wait_for_nodes(3, timeout=120)
+    assert part_complete(key_dir)
+    for split, table in want.items():
+        got = read_split(key_dir, split)
+        assert got["row_id"].to_pylist() == table["row_id"].to_pylist()  # every pair once: none lost, none twice
+        for col in [c for c in table.column_names if c.startswith(("ref_", "check_"))]:
+            a, b = got[col].to_numpy(zero_copy_only=False), table[col].to_numpy(zero_copy_only=False)
+            assert np.allclose(a, b, rtol=1e-5, atol=1e-5, equal_nan=True), col
+
+
+def read_split(loc, split: str):
+    import pyarrow.parquet as pq
+
+    d = split_dir(loc, split)
+    return pq.read_table(d.path, filesystem=d.fs).sort_by("row_id")
 
 
 def test_cli_beside_a_cluster_runs_locally_and_a_driver_without_token_mode_is_told(cluster, tmp_path, cache_dir, small_pairs):

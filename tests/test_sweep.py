@@ -48,7 +48,7 @@ def grid_sweep(tmp_path_factory, cache, tiny_pairs):
     """The CLI sweep, interrupted after its first trial finished, then the same command again."""
     tmp = tmp_path_factory.mktemp("grid")
     sets = sweep_sets(tmp, cache, tiny_pairs, **{"registry.name": "sweep-demo"})
-    cmd = [str(Path(sys.executable).parent / "dpo-ray"), "sweep", "configs/demo.yaml", "--grid", "train.beta=[0.05,0.3,-1,0.1]"]
+    cmd = [str(Path(sys.executable).parent / "dpo-ray"), "sweep", "configs/demo.yaml", "--grid", "train.beta=[0.05,0.3,-1]"]
     cmd += [a for s in sets for a in ("--set", s)]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     root = Path(__file__).parent.parent
@@ -81,10 +81,10 @@ def test_grid_sweep_shares_one_reference_pass_and_nests_child_runs(grid_sweep):
     assert "reference: scoring" not in second and "reference: cache hit for pairs.jsonl" in second
     assert s["cost"]["reference_passes"] == 1 and s["cost"]["reference_seconds_one_pass_per_trial"] > 0
     by_beta = {t["overrides"]["train.beta"]: t for t in s["trials"]}
-    assert sorted(by_beta) == [-1, 0.05, 0.1, 0.3]
+    assert sorted(by_beta) == [-1, 0.05, 0.3]
     # the invalid value fails its own trial with a message naming the key; the others finish
     assert by_beta[-1]["status"] == "ERROR" and "train.beta" in by_beta[-1]["error"]
-    ok = [by_beta[b] for b in (0.05, 0.1, 0.3)]
+    ok = [by_beta[b] for b in (0.05, 0.3)]
     assert all(t["status"] == "FINISHED" for t in ok)
     metric = "eval/rewards/accuracies"
     best = max(ok, key=lambda t: t[metric])
@@ -92,11 +92,11 @@ def test_grid_sweep_shares_one_reference_pass_and_nests_child_runs(grid_sweep):
 
     client = MlflowClient(s["tracking_uri"])
     parent = client.get_run(s["mlflow_parent_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.params["space.train.beta"] == "[0.05, 0.3, -1, 0.1]"
+    assert parent.info.status == "FINISHED" and parent.data.params["space.train.beta"] == "[0.05, 0.3, -1]"
     assert parent.data.tags["best.trial_id"] == best["trial_id"] and parent.data.metrics[f"best/{metric}"] == pytest.approx(best[metric])
     assert {"trials.json", "sweep.png", "space.json", "sweep_summary.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(float(c.data.params["train.beta"]) for c in children) == [0.05, 0.1, 0.3]
+    assert sorted(float(c.data.params["train.beta"]) for c in children) == [0.05, 0.3]
     for c in children:
         t = next(t for t in ok if t["mlflow_run_id"] == c.info.run_id)
         assert c.info.status == "FINISHED" and c.data.metrics[metric] == pytest.approx(t[metric])
@@ -124,7 +124,7 @@ def test_interrupted_sweep_continues_without_retraining(grid_sweep):
         assert trial["status"] == "FINISHED" and path.stat().st_mtime_ns == mtime
         assert json.loads(path.read_text())["mlflow_run_id"] == trial["mlflow_run_id"]
         assert len(MlflowClient(s["tracking_uri"]).get_metric_history(trial["mlflow_run_id"], "train/loss")) == STEPS  # trained once
-    assert len(s["trials"]) == 4  # and no trial was added or run twice
+    assert len(s["trials"]) == 3  # and no trial was added or run twice
 
 
 @pytest.mark.slow
