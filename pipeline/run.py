@@ -70,7 +70,10 @@ def check_cache_dir(spec: str) -> None:
         raise SetupError(f"cache_dir {redact(spec)} is not writable ({str(e).splitlines()[0][:200]}); {fix}") from None
 
 
-def start_ray(address: str | None):
+def start_ray(address: str | None, dashboard: bool = False):
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local runtime of this run's own; with
+    `dashboard`, the local runtime serves Ray's dashboard on 127.0.0.1 (Ray's state API: Ray Train's cleaner of a
+    stopped run's placement group needs it, see pipeline/sweep.py). Returns whether a runtime was started."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
@@ -90,7 +93,8 @@ def start_ray(address: str | None):
         # "local": a private runtime for this run, even where `ray start` runs a cluster on this machine
         # (plain ray.init() would attach to that one, with its CPUs and its auth token).
         log.info("starting a local Ray runtime (to use a running cluster: --address or RAY_ADDRESS)")
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=dashboard, log_to_driver=True,
+                 **({"dashboard_host": "127.0.0.1"} if dashboard else {}))
     return True
 
 

@@ -246,7 +246,9 @@ def _sweep(cfg: Config, out_dir: Path, address: str | None) -> dict:
     group_cfgs = [with_overrides(base, g, f"sweep ({', '.join(f'{k}={v}' for k, v in g.items()) or 'base'})") for g in groups_wanted]
     inp = preflight(cfg, ("train", "evaluate"))
     state = sweep_state(out_dir, cfg)
-    started_ray = start_ray(address)
+    # a scheduler stops trials: Ray Train's PlacementGroupCleaner frees a stopped trial's workers' placement group only
+    # when Ray's state API (the dashboard) answers; without it the next trial waits for ever (ray#54305)
+    started_ray = start_ray(address, dashboard=s.scheduler is not None)
     parent = None
     try:
         use_gpu, _ = plan_resources(cfg)
@@ -389,6 +391,17 @@ def concurrency(cfg: Config, use_gpu: bool) -> int:
     return max(1, n)
 
 
+def state_api_answers() -> bool:
+    """Whether Ray's state API answers (it is served by the dashboard): what Ray Train's PlacementGroupCleaner asks."""
+    try:
+        from ray.util.state import list_nodes
+
+        list_nodes(limit=1, timeout=10)
+        return True
+    except Exception:
+        return False
+
+
 def run_tuner(cfg: Config, space: dict, ctx: dict, out_dir: Path, use_gpu: bool):
     """Tuner.fit, or Tuner.restore(...).fit when this output_dir holds the same sweep, interrupted."""
     from ray import tune
@@ -406,9 +419,10 @@ def run_tuner(cfg: Config, space: dict, ctx: dict, out_dir: Path, use_gpu: bool)
     scheduler = (ASHAScheduler(time_attr="step", metric=s.scheduler_metric, mode=s.scheduler_mode, max_t=total + 1,
                                grace_period=s.eval_every, reduction_factor=s.reduction_factor, stop_last_trials=False)
                  if s.scheduler == "asha" else None)
-    if scheduler:
-        log.warning("sweep: with Ray 2.60 a trial started after ASHA stops another can wait forever for the stopped trial's "
-                    "CPUs/GPUs (ray#54305); see docs/sweep.md")
+    if scheduler and not state_api_answers():
+        log.warning("sweep: Ray's state API (the dashboard) does not answer on this cluster: a trial that ASHA stops keeps "
+                    "its workers' CPUs/GPUs and later trials can wait for ever (ray#54305); start the cluster with the "
+                    "dashboard (`ray start --head --include-dashboard=true`), see docs/sweep.md")
     # the final report (eval metrics) leaves out the scheduler's train metric on purpose (see `trial`): Tune's strict check
     # would refuse it
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")

@@ -53,9 +53,12 @@ def run(cfg, ref, policy_path: str, pad_id: int, use_gpu: bool, cpus_per_worker:
                                  max_failures=t.max_failures, controller_failure_limit=placement_tries(t.placement_timeout_s)),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
     )
-    if t.elastic:
-        log.info("train: elastic, %d to %d worker(s) of %s; %d pairs a step at any size", t.min_workers, t.max_workers,
-                 worker_resources(use_gpu, cpus_per_worker, t.worker_resources), t.step_pairs)
+    wait = f"up to train.placement_timeout_s={t.placement_timeout_s:g} s in all" if t.placement_timeout_s else "for ever"
+    log.info("train: %s worker(s) of %s, %d pairs a step; restarts from the last checkpoint after a lost worker: up to "
+             "train.max_failures=%d; waiting %s for workers that cannot be placed%s",
+             f"{t.min_workers} to {t.max_workers} (elastic)" if t.elastic else t.max_workers,
+             worker_resources(use_gpu, cpus_per_worker, t.worker_resources), t.step_pairs, t.max_failures, wait,
+             "; with fewer workers when nodes are lost, more when they return" if t.elastic else "")
     try:
         return trainer.fit()
     except Exception as e:  # Ray wraps worker errors; surface the ones a user acts on as one line

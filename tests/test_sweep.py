@@ -128,31 +128,28 @@ def test_interrupted_sweep_continues_without_retraining(grid_sweep):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("DPO_RAY_ASHA_TEST"), reason=(
-    "hangs with Ray 2.60 here: the trial after one ASHA stops waits forever for the CPU the stopped trial's Train "
-    "workers keep (ray#54305; Train's PlacementGroupCleaner logs 'Failed to query Ray Train Controller actor state'); "
-    "DPO_RAY_ASHA_TEST=1 runs it"))
-def test_asha_stops_trials_early_and_stages_run_once_per_max_length(tmp_path, cache, tiny_pairs, ray_local, caplog):
-    import logging
-
-    from dpo_ray.config import load_config
-    from pipeline.sweep import sweep
-
-    sets = sweep_sets(tmp_path, cache, tiny_pairs, **{"train.max_steps": "6", "sweep.scheduler": "asha", "sweep.eval_every": "1",
+def test_asha_stops_trials_early_and_stages_run_once_per_max_length(tmp_path, cache, tiny_pairs):
+    """Through the CLI, which starts its runtime with Ray's dashboard when a scheduler is set: Ray Train's cleaner then
+    frees a stopped trial's placement group, so the next trial gets its CPU (without the state API it waited for
+    ever: ray#54305)."""
+    sets = sweep_sets(tmp_path, cache, tiny_pairs, **{"train.max_steps": "6", "sweep.eval_every": "1",
                                                       "sweep.scheduler_metric": "train/loss", "sweep.scheduler_mode": "min"})
-    cfg = load_config("configs/demo.yaml", sets)
-    cfg.sweep.grid = {"data.max_length": [64, 72], "train.lr": [3e-3, 1e-9]}
+    cmd = [str(Path(sys.executable).parent / "dpo-ray"), "sweep", "configs/demo.yaml", "--scheduler", "asha", "--json",
+           "--grid", "data.max_length=[64,72]", "--grid", "train.lr=[3e-3,1e-9]"] + [a for s in sets for a in ("--set", s)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     t0 = time.time()
-    with caplog.at_level(logging.INFO, "dpo_ray"):
-        s = sweep(cfg)
-    assert time.time() - t0 < 900  # no trial waited forever on resources a stopped trial kept (ray#54305)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert time.time() - t0 < 900  # no trial waited for ever on resources a stopped trial kept
+    s = json.loads(proc.stdout)
     statuses = [t["status"] for t in s["trials"]]
     assert len(statuses) == 4 and "STOPPED" in statuses and "ERROR" not in statuses, s["trials"]
     stopped = [t for t in s["trials"] if t["status"] == "STOPPED"]
     assert all(t["step"] < 6 for t in stopped) and all(t["overrides"]["train.lr"] == 1e-9 for t in stopped)
     # prepare and reference: once per distinct max_length (64 was scored by the grid sweep's cache or here, 72 here)
-    assert s["cost"]["reference_passes"] == 2 and caplog.text.count("sweep: prepare + reference for data.max_length=") == 2
+    assert s["cost"]["reference_passes"] == 2 and proc.stderr.count("sweep: prepare + reference for data.max_length=") == 2
     assert s["best"]["overrides"]["train.lr"] == 3e-3
+    assert "state API" not in proc.stderr  # the warning for clusters without the dashboard
 
 
 def test_space_parsing_and_stage_keys():
