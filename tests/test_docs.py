@@ -100,7 +100,8 @@ def test_the_kuberay_rayjob_runs_the_tested_entrypoint_with_the_configs_worker_r
     job = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayjob.yaml").read_text())
     assert job["kind"] == "RayJob" and job["spec"]["shutdownAfterJobFinishes"] is True
     assert job["spec"]["entrypoint"] == "python -m pipeline.job run configs/cluster.yaml"
-    assert 'entrypoint = [sys.executable, "-m", "pipeline.job", "run", "configs/cluster.yaml"]' in (ROOT / "tests" / "test_cluster.py").read_text()
+    assert 'entrypoint = [sys.executable, "-m", "pipeline.job", stage, "configs/cluster.yaml"]' in (ROOT / "tests" / "test_cluster.py").read_text()
+    assert 'stage: str = "run"' in (ROOT / "tests" / "test_cluster.py").read_text()
     assert "working_dir" in yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     train = load_config(str(ROOT / "configs" / "cluster.yaml"), []).train

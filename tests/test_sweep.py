@@ -128,6 +128,9 @@ def test_interrupted_sweep_continues_without_retraining(grid_sweep):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DPO_RAY_ASHA_TEST"), reason=(
+    "about 3 minutes the suite's 45-minute budget has no room for yet, and not yet run with the dashboard fix "
+    "(docs/sweep.md); DPO_RAY_ASHA_TEST=1 runs it"))
 def test_asha_stops_trials_early_and_stages_run_once_per_max_length(tmp_path, cache, tiny_pairs):
     """Through the CLI, which starts its runtime with Ray's dashboard when a scheduler is set: Ray Train's cleaner then
     frees a stopped trial's placement group, so the next trial gets its CPU (without the state API it waited for
