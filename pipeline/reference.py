@@ -245,13 +245,19 @@ def lost_to_the_cluster(err: BaseException) -> str | None:
 
     kinds = (rx.NodeDiedError, rx.ObjectLostError, rx.OwnerDiedError, rx.WorkerCrashedError, rx.ActorUnavailableError,
              rx.LocalRayletDiedError)
+    for e in causes(err):
+        if isinstance(e, kinds) or (isinstance(e, rx.ActorDiedError) and "node" in str(e).lower()):
+            return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return None
+
+
+def causes(err: BaseException):
+    """`err`, then what raised it (`__cause__`, else `__context__`), and so on: each once, a cycle ends the walk."""
     seen, e = set(), err
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, kinds) or (isinstance(e, rx.ActorDiedError) and "node" in str(e).lower()):
-            return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        yield e
         e = e.__cause__ or e.__context__
-    return None
 
 
 def split_rows(split: Location) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from dpo_ray.train_loop import train_loop_per_worker
 
 from . import console
 from .artifacts import fingerprint
-from .reference import split_files
+from .reference import causes, split_files
 
 log = logging.getLogger("dpo_ray")
 
@@ -96,12 +96,9 @@ class TrainingError(RuntimeError):
 
 
 def training_error(err: BaseException, t=None, use_gpu: bool = False, cpus_per_worker: float = 1.0) -> BaseException:
-    seen, e = set(), err
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    for e in causes(err):
         if isinstance(e, (FloatingPointError, CacheReadError)):
             return TrainingError(str(e))
-        e = e.__cause__ or e.__context__
     text = str(err)
     failure = getattr(err, "controller_failure", None)  # ray.train.ControllerError: what the controller raised
     if t is not None and (type(failure).__name__ == "WorkerGroupStartupTimeoutError" or "worker group startup timed out" in text):

@@ -50,3 +50,33 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "dpo-ray: error: configs/demo.yaml with --set train.bta=0.3: unknown key train.bta (did you mean train.beta?)"
+
+
+def test_the_cause_chain_names_what_the_cluster_lost_and_what_training_raised():
+    """An error from Ray wraps what happened; the walk reads the whole chain once (a cycle ends it)."""
+    from ray import exceptions as rx
+
+    from pipeline.reference import causes, lost_to_the_cluster
+    from pipeline.train import TrainingError, training_error
+
+    def chain(inner: BaseException, outer: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException as e:
+                raise outer from e
+        except BaseException as e:
+            return e
+
+    lost = chain(rx.NodeDiedError("node 1a2b died\nmore"), RuntimeError("the pass failed"))
+    assert [type(e) for e in causes(lost)] == [RuntimeError, rx.NodeDiedError]
+    assert lost_to_the_cluster(lost) == "NodeDiedError: node 1a2b died"
+    assert lost_to_the_cluster(chain(OSError("disk full"), RuntimeError("the pass failed"))) is None  # not the cluster's
+    looped = RuntimeError("a")
+    looped.__context__ = ValueError("b")
+    looped.__context__.__context__ = looped
+    assert len(list(causes(looped))) == 2
+    nan = training_error(chain(FloatingPointError("train: loss is nan at step 3"), RuntimeError("worker group failed")))
+    assert isinstance(nan, TrainingError) and str(nan) == "train: loss is nan at step 3"
+    other = RuntimeError("a bug")
+    assert training_error(other) is other
