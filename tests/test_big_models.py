@@ -208,7 +208,7 @@ def test_lora_demo(tmp_path, cache_dir, demo_model, ray_local):
     from pipeline.run import run
 
     sets = [f"output_dir={tmp_path / 'out'}", f"cache_dir={cache_dir}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "train.lora.r=8", "train.log_every=50",
+            "train.lora.r=8", "train.log_every=20", "train.max_steps=80",  # a third of the demo's epoch: the suite's minutes
             # the random-weights start at the from-scratch lr, without generations (the demo itself starts from its SFT copy)
             "model.policy=demo:tiny-llama", "train.lr=3e-3", "train.nll_weight=0", "eval.generate.prompts=0"]
     summary = run(load_config(ROOT / "configs" / "demo.yaml", sets))
