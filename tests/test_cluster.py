@@ -9,6 +9,7 @@ on a real `mlflow server`: nothing leans on a path only one node has.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -136,11 +137,15 @@ class LocalCluster:
             env["RAY_AUTH_MODE"] = "token"  # the token itself is read from ~/.ray/auth_token
         return subprocess.run([RAY, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
 
+    @functools.cached_property
+    def token(self) -> str:
+        """The cluster's auth token, read once: `ray start --head` (token mode) writes it to ~/.ray/auth_token."""
+        return (Path.home() / ".ray" / "auth_token").read_text().strip()
+
     def api(self, path: str, timeout: float = 30):
         """GET the dashboard's REST API in this process, with the cluster's token: the polls of a test cost a request,
         not a `ray` CLI process (a second of CPU each, on a machine whose 2 cores the cluster shares)."""
-        token = (Path.home() / ".ray" / "auth_token").read_text().strip()  # where `ray start` (token mode) keeps it
-        req = urllib.request.Request(self.dashboard + path, headers={"Authorization": f"Bearer {token}"})
+        req = urllib.request.Request(self.dashboard + path, headers={"Authorization": f"Bearer {self.token}"})
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
 
@@ -153,7 +158,7 @@ class LocalCluster:
         return sum(n["state"] == "ALIVE" for n in nodes)
 
     def wait_for_nodes(self, n: int, timeout: float = 300, poll: float = 3) -> float:
-        """Until `ray status` shows exactly n nodes alive (more or fewer: a node joining or one declared dead); the time."""
+        """Until the state API shows exactly n nodes alive (more or fewer: a node joining or one declared dead); the time."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             for p in [self.procs[0], *self.nodes.values()]:
