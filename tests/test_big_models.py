@@ -83,13 +83,27 @@ def final_weights(result) -> dict:
         return load_file(str(Path(d) / "model.safetensors"))
 
 
+@pytest.fixture(scope="module")
+def llama_runs(refs, tmp_path_factory):
+    """The tiny Llama's 4-step runs on 2 workers that several tests read: {strategy: (result, history)}. fsdp
+    checkpoints every 2 steps (the DCP resume test starts from its step 2); the cadence changes no number."""
+    cfg, ref, model = refs["llama"]
+    tmp = tmp_path_factory.mktemp("llama-runs")
+    return {"ddp": train(cfg, ref, model, tmp, "ddp", strategy="ddp"),
+            "fsdp": train(cfg, ref, model, tmp, "fsdp", strategy="fsdp", checkpoint_every=2)}
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_fsdp_matches_ddp(refs, arch, tmp_path):
+def test_fsdp_matches_ddp(refs, arch, tmp_path, request):
     """2 workers each, same seed and data, fp32: per-step losses, gradient norms (a gradient summed instead of averaged
     across workers would double them: Adam alone would hide it) and the final weights agree to 1e-5."""
     cfg, ref, model = refs[arch]
-    ddp, h_ddp = train(cfg, ref, model, tmp_path, "ddp", strategy="ddp")
-    fsdp, h_fsdp = train(cfg, ref, model, tmp_path, "fsdp", strategy="fsdp")
+    if arch == "llama":
+        runs = request.getfixturevalue("llama_runs")
+        (ddp, h_ddp), (fsdp, h_fsdp) = runs["ddp"], runs["fsdp"]
+    else:
+        ddp, h_ddp = train(cfg, ref, model, tmp_path, "ddp", strategy="ddp")
+        fsdp, h_fsdp = train(cfg, ref, model, tmp_path, "fsdp", strategy="fsdp")
     assert h_ddp["steps"] == h_fsdp["steps"] == [1, 2, 3, 4]
     for k in ("loss", "grad_norm", "rewards/margins"):
         for s, (a, b) in enumerate(zip(h_fsdp[k], h_ddp[k]), 1):
@@ -133,12 +147,12 @@ def test_fsdp_with_lora_matches_ddp_with_lora(refs, tmp_path):
     assert min(float(a_fsdp[k].abs().max()) for k in a_fsdp if ".lora_B." in k) > 0
 
 
-def test_dcp_resume_with_another_number_of_workers(refs, tmp_path):
+def test_dcp_resume_with_another_number_of_workers(refs, llama_runs, tmp_path):
     """A: fsdp on 2 workers, 4 steps. B resumes A's step-2 DCP checkpoint on 1 worker (2x the pairs per worker, so the
     same pairs per step); C resumes B's step-3 checkpoint on 2 workers. Every resumed step equals A's: loss and
     gradient norm (B's is a single process: A's averaged gradients equal it)."""
     cfg, ref, model = refs["llama"]
-    a, h_a = train(cfg, ref, model, tmp_path, "a", strategy="fsdp", checkpoint_every=2)
+    a, h_a = llama_runs["fsdp"]
     ckpts = sorted(p for p in Path(a.path).glob("checkpoint_*") if p.is_dir())
     by_step = {json.loads((c / "state.json").read_text())["step"]: c for c in ckpts}
     assert {c.name for c in (by_step[2] / "dcp").iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp"}  # both ranks' shards
@@ -154,11 +168,11 @@ def test_dcp_resume_with_another_number_of_workers(refs, tmp_path):
     assert whole_rel(final_weights(c), final_weights(a)) < REL / 10
 
 
-def test_resume_from_a_checkpoint_of_another_strategy_is_refused(refs, tmp_path):
+def test_resume_from_a_checkpoint_of_another_strategy_is_refused(refs, llama_runs, tmp_path):
     from pipeline.train import TrainingError
 
     cfg, ref, model = refs["llama"]
-    a, _ = train(cfg, ref, model, tmp_path, "ddp", strategy="ddp", max_steps=1)
+    a, _ = llama_runs["ddp"]
     with pytest.raises(TrainingError, match="written with train.strategy=ddp"):
         train(cfg, ref, model, tmp_path, "fsdp", strategy="fsdp", resume_from=a.checkpoint.path)
 
