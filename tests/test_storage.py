@@ -202,12 +202,13 @@ def test_s3_cache_hit_partial_rerun_and_same_data(s3, file_run, tmp_path, small_
 
 
 @pytest.mark.slow
-def test_train_checkpoints_to_an_object_store(s3, tmp_path, small_pairs):
-    """train.storage_path as an s3:// URI: Ray Train writes its checkpoints there and the model is exported from them."""
-    sets = stage_args(tmp_path, str(tmp_path / "cache"), small_pairs) + [f"train.storage_path={s3.uri('ray')}"]
+def test_train_checkpoints_to_an_object_store(s3, file_run, tmp_path, small_pairs):
+    """train.storage_path as an s3:// URI: Ray Train writes its checkpoints there and the model is exported from them.
+    The cache is file_run's (its reference log-probs are a hit: this test is about the checkpoints)."""
+    sets = stage_args(tmp_path, f"file://{file_run[0]}/cache", small_pairs) + [f"train.storage_path={s3.uri('ray')}"]
     rc, summary, err = cli("train", sets, s3.env)
     assert rc == 0, err[-4000:]
-    assert summary["train"]["steps"] == 6
+    assert summary["train"]["steps"] == 6 and summary["reference_cache"]["hit"]
     weights = [p for p in s3.listing("ray") if p.endswith("/model.safetensors")]
     ckpts = {Path(p).parent.name for p in weights}
     assert len(ckpts) == 2 and all(c.startswith("checkpoint_") for c in ckpts)  # steps 3 and 6 (num_to_keep=2)
