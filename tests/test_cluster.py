@@ -368,11 +368,10 @@ def test_elastic_run_survives_a_lost_node_and_grows_back(cluster, services, full
                  stage="train")  # what a lost node changes: training (the evaluation is the uninterrupted run's)
     assert sub.returncode == 0, sub.stderr[-3000:]
     try:
-        deadline, run, started = time.time() + 300, None, None
+        deadline, run = time.time() + 300, None
         while time.time() < deadline:  # past a checkpoint taken with two workers
             run = run or run_named(client, sid)
             sizes = history(client, run.info.run_id, "train/world_size") if run else {}
-            started = started or (sizes.get(1) or (None,))[0]
             if sizes and past_a_checkpoint_at_two(sizes):
                 break
             assert job_status(cluster, sid) != "FAILED", explain(cluster, sid)
@@ -415,7 +414,7 @@ def test_elastic_run_survives_a_lost_node_and_grows_back(cluster, services, full
         for step in a:
             assert abs(a[step][0] - b[step][0]) <= rel_tol * abs(b[step][0]) + 1e-7, (key, step, a[step][0], b[step][0])
     cost = {"detect_s": round(dead - killed, 1), "restart_s": round(first_ts / 1000 - killed, 1), "steps_redone": redone,
-            "node_back_s": round(back - killed, 1), "uninterrupted_job_s": round(full_seconds, 1), "started_with_workers": started}
+            "node_back_s": round(back - killed, 1), "uninterrupted_job_s": round(full_seconds, 1), "started_with_workers": before[1][0]}
     print(f"node-loss cost: {json.dumps(cost)}")
     (Path(os.environ.get("DPO_RAY_RESULTS", tmp_path)) / "node_loss.json").write_text(json.dumps(cost) + "\n")
 
