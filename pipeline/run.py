@@ -93,9 +93,37 @@ def start_ray(address: str | None, dashboard: bool = False):
         # "local": a private runtime for this run, even where `ray start` runs a cluster on this machine
         # (plain ray.init() would attach to that one, with its CPUs and its auth token).
         log.info("starting a local Ray runtime (to use a running cluster: --address or RAY_ADDRESS)")
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=dashboard, log_to_driver=True,
-                 **({"dashboard_host": "127.0.0.1"} if dashboard else {}))
+        extra = {}
+        if dashboard:
+            # Ray's state API finds "the" local Ray by auto-detection, which fails ("Found multiple active Ray
+            # instances") where another Ray runs on this machine, in the driver and in Ray Train's PlacementGroupCleaner
+            # alike. This runtime's dashboard on a port chosen here, named in the environment that its processes inherit
+            # (they are started from this one), is the one they all ask.
+            port = free_port()
+            extra = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
+            os.environ[API_SERVER_ENV] = _SET_API_SERVER[0] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=dashboard, log_to_driver=True, **extra)
     return True
+
+
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+_SET_API_SERVER = [None]  # the value start_ray put in the environment, taken out again by stop_ray
+
+
+def stop_ray() -> None:
+    """ray.shutdown() of a runtime start_ray started, and the state API's address it set, unset."""
+    import ray
+
+    ray.shutdown()
+    if _SET_API_SERVER[0] is not None and os.environ.get(API_SERVER_ENV) == _SET_API_SERVER[0]:
+        del os.environ[API_SERVER_ENV]
+    _SET_API_SERVER[0] = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_ray_address(address: str, timeout: float = 5.0) -> None:
@@ -440,7 +468,6 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, address: str | None = Non
 
 
 def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: bool) -> dict:
-    import ray
 
     t_start = time.time()
     inp = preflight(cfg, stages)
@@ -500,4 +527,4 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
         if monitor is not None:
             monitor.finish()
         if started_ray:
-            ray.shutdown()
+            stop_ray()

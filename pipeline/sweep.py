@@ -29,7 +29,7 @@ from .artifacts import exclusive, fingerprint, write_json_atomic
 from .storage import open_location
 from .run import (DATA_HEADROOM_CPUS, Inputs, SetupError, check_memory, check_output_dir, evaluate_and_log, fail_run, finish_run,
                   log_model, open_run, plan_resources, plot_curves, preflight, register_model, replace_dir, setup_logging,
-                  start_ray, train_and_export)
+                  start_ray, stop_ray, train_and_export)
 
 log = logging.getLogger("dpo_ray")
 # keys whose value changes the prepared data or the reference log-probs (the cache keys of pipeline/prepare.py and
@@ -235,7 +235,6 @@ def sweep(cfg: Config, address: str | None = None) -> dict:
 
 
 def _sweep(cfg: Config, out_dir: Path, address: str | None) -> dict:
-    import ray
 
     s = cfg.sweep
     if not s.grid and not s.sample:
@@ -295,7 +294,7 @@ def _sweep(cfg: Config, out_dir: Path, address: str | None) -> dict:
         raise
     finally:
         if started_ray:
-            ray.shutdown()
+            stop_ray()
 
 
 def expected_trials(s) -> int:
@@ -412,6 +411,9 @@ def run_tuner(cfg: Config, space: dict, ctx: dict, out_dir: Path, use_gpu: bool)
     # (Tune refuses an empty resource request)
     trainable = tune.with_resources(tune.with_parameters(trial, ctx=ctx), {"cpu": TRIAL_CPUS})
     path = out_dir / "tune" / "sweep"
+    # the final report (eval metrics) leaves out the scheduler's train metric on purpose (see `trial`): Tune's strict check
+    # would refuse it, in a continued sweep too
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     if tune.Tuner.can_restore(str(path)):
         log.info("sweep: continuing the sweep in %s (finished trials are not run again)", path)
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False).fit()
@@ -423,9 +425,6 @@ def run_tuner(cfg: Config, space: dict, ctx: dict, out_dir: Path, use_gpu: bool)
         log.warning("sweep: Ray's state API (the dashboard) does not answer on this cluster: a trial that ASHA stops keeps "
                     "its workers' CPUs/GPUs and later trials can wait for ever (ray#54305); start the cluster with the "
                     "dashboard (`ray start --head --include-dashboard=true`), see docs/sweep.md")
-    # the final report (eval metrics) leaves out the scheduler's train metric on purpose (see `trial`): Tune's strict check
-    # would refuse it
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     n = concurrency(cfg, use_gpu)
     log.info("sweep: %d trial(s) at a time%s", n, f", ASHA on {s.scheduler_metric} every {s.eval_every} steps" if scheduler else "")
     tuner = tune.Tuner(trainable, param_space=space,

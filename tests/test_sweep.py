@@ -1,9 +1,10 @@
 """`dpo-ray sweep` on a real local Ray runtime, Ray Tune and a real MLflow sqlite store, with the demo model.
 
-Two sweeps cover the issue's cases: (1) through the console script, a grid over train.beta with one invalid value
-(that trial fails, the others go on), interrupted (SIGINT) after its first trial and run again with the same command
-(the first trial is not trained again); (2) in-process, ASHA over 4 trials with data.max_length in the grid (prepare and
-reference once per distinct value; ASHA stops weak trials and the sweep still ends).
+One sweep through the console script covers the issue's cases: ASHA over a grid of data.max_length x train.lr (prepare
+and reference run once per distinct max_length; ASHA stops the trials that do not learn and the sweep still ends: no
+trial waits for ever on a stopped trial's resources, ray#54305), with one invalid value (those trials fail, the others
+go on), interrupted (SIGINT) after its first trial and run again with the same command (the first trial is not trained
+again), the best trial exported and registered.
 """
 import json
 import os
@@ -18,6 +19,7 @@ import pytest
 from conftest import small_config
 
 STEPS = 4
+GOOD_LR, FLAT_LR, BAD_LR = 3e-3, 1e-9, -1  # learns / does not (ASHA stops it) / invalid (the trial fails)
 
 
 def sweep_sets(tmp: Path, cache: Path, data: Path, **extra) -> list[str]:
@@ -44,15 +46,23 @@ def cache(tmp_path_factory, demo_model) -> Path:
 
 
 @pytest.fixture(scope="module")
-def grid_sweep(tmp_path_factory, cache, tiny_pairs):
-    """The CLI sweep, interrupted after its first trial finished, then the same command again."""
-    tmp = tmp_path_factory.mktemp("grid")
-    sets = sweep_sets(tmp, cache, tiny_pairs, **{"registry.name": "sweep-demo"})
-    cmd = [str(Path(sys.executable).parent / "dpo-ray"), "sweep", "configs/demo.yaml", "--grid", "train.beta=[0.05,0.3,-1]"]
+def asha_sweep(tmp_path_factory, cache, tiny_pairs, ray_local):
+    """The CLI sweep (ASHA, 2 x 3 grid), interrupted after its first trial finished, then the same command again.
+
+    Through the CLI, which starts its runtime with Ray's dashboard when a scheduler is set: Ray Train's cleaner then
+    frees a stopped trial's placement group, so the next trial gets its CPU (without the state API it waited for ever).
+    `ray_local`, this process's runtime, is another Ray instance on the machine: the state API's auto-detection fails
+    beside one ("Found multiple active Ray instances"), so the CLI names its own dashboard to its processes."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    sets = sweep_sets(tmp, cache, tiny_pairs, **{"registry.name": "sweep-demo", "sweep.eval_every": "2",
+                                                 "sweep.scheduler_metric": "train/loss", "sweep.scheduler_mode": "min"})
+    cmd = [str(Path(sys.executable).parent / "dpo-ray"), "sweep", "configs/demo.yaml", "--scheduler", "asha",
+           "--grid", "data.max_length=[64,72]", "--grid", f"train.lr=[{GOOD_LR},{FLAT_LR},{BAD_LR}]"]
     cmd += [a for s in sets for a in ("--set", s)]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     root = Path(__file__).parent.parent
     logs = [tmp / "first.log", tmp / "second.log"]
+    t0 = time.time()
     with open(logs[0], "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
         deadline = time.time() + 600
@@ -65,43 +75,61 @@ def grid_sweep(tmp_path_factory, cache, tiny_pairs):
         rc_first = proc.wait(timeout=300)
     with open(logs[1], "w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, timeout=900).returncode
+    wall = time.time() - t0
     text = [p.read_text() for p in logs]
     assert rc == 0, text[1][-4000:]
-    return tmp, json.loads((tmp / "out" / "sweep_summary.json").read_text()), rc_first, first_done, text
+    return tmp, json.loads((tmp / "out" / "sweep_summary.json").read_text()), rc_first, first_done, text, wall
 
 
 @pytest.mark.slow
-def test_grid_sweep_shares_one_reference_pass_and_nests_child_runs(grid_sweep):
+def test_sweep_shares_reference_passes_stops_weak_trials_and_nests_child_runs(asha_sweep):
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM
 
-    tmp, s, _, _, (first, second) = grid_sweep
-    # the reference ran once (in the first invocation), never per trial, and the rerun found it in the cache
-    assert first.count("reference: scoring pairs.jsonl (train), pairs.jsonl (eval) with") == 1  # one pass, both splits
-    assert "reference: scoring" not in second and "reference: cache hit for pairs.jsonl" in second
-    assert s["cost"]["reference_passes"] == 1 and s["cost"]["reference_seconds_one_pass_per_trial"] > 0
-    by_beta = {t["overrides"]["train.beta"]: t for t in s["trials"]}
-    assert sorted(by_beta) == [-1, 0.05, 0.3]
-    # the invalid value fails its own trial with a message naming the key; the others finish
-    assert by_beta[-1]["status"] == "ERROR" and "train.beta" in by_beta[-1]["error"]
-    ok = [by_beta[b] for b in (0.05, 0.3)]
-    assert all(t["status"] == "FINISHED" for t in ok)
+    tmp, s, _, _, (first, second), wall = asha_sweep
+    assert wall < 1200  # no trial waited for ever on resources a stopped trial kept (ray#54305)
+    # prepare + reference once per distinct max_length (in the first invocation), never per trial; the rerun hit the cache
+    assert first.count("sweep: prepare + reference for data.max_length=") == 2
+    assert first.count("reference: scoring pairs.jsonl (train), pairs.jsonl (eval) with") == 2  # one pass each, both splits
+    assert "reference: scoring" not in second and second.count("reference: cache hit for pairs.jsonl") == 2
+    assert s["cost"]["reference_passes"] == 2 and s["cost"]["reference_seconds_one_pass_per_trial"] > 0
+    assert "state API" not in first + second  # the warning for clusters without the dashboard
+    trials = {(t["overrides"]["data.max_length"], t["overrides"]["train.lr"]): t for t in s["trials"]}
+    assert sorted(trials) == sorted((m, lr) for m in (64, 72) for lr in (GOOD_LR, FLAT_LR, BAD_LR))
+    # the invalid value fails its own trials with a message naming the key; the others end
+    for m in (64, 72):
+        assert trials[m, BAD_LR]["status"] == "ERROR" and "train.lr" in trials[m, BAD_LR]["error"]
+        assert trials[m, GOOD_LR]["status"] == "FINISHED"
+    # ASHA on train/loss every 2 steps stops a trial that does not learn (never one that does), before its last step
+    stopped = [t for t in s["trials"] if t["status"] == "STOPPED"]
+    assert stopped and all(t["overrides"]["train.lr"] == FLAT_LR and t["step"] < STEPS for t in stopped), s["trials"]
     metric = "eval/rewards/accuracies"
+    ok = [t for t in s["trials"] if t["status"] == "FINISHED"]
     best = max(ok, key=lambda t: t[metric])
     assert s["best"]["trial_id"] == best["trial_id"] and s["best"][metric] == best[metric]
+    assert best["overrides"]["train.lr"] == GOOD_LR
 
     client = MlflowClient(s["tracking_uri"])
     parent = client.get_run(s["mlflow_parent_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.params["space.train.beta"] == "[0.05, 0.3, -1]"
+    assert parent.info.status == "FINISHED" and json.loads(parent.data.params["space.train.lr"]) == [GOOD_LR, FLAT_LR, BAD_LR]
     assert parent.data.tags["best.trial_id"] == best["trial_id"] and parent.data.metrics[f"best/{metric}"] == pytest.approx(best[metric])
     assert {"trials.json", "sweep.png", "space.json", "sweep_summary.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(float(c.data.params["train.beta"]) for c in children) == [0.05, 0.3]
-    for c in children:
-        t = next(t for t in ok if t["mlflow_run_id"] == c.info.run_id)
-        assert c.info.status == "FINISHED" and c.data.metrics[metric] == pytest.approx(t[metric])
+    by_run = {c.info.run_id: c for c in children}
+    assert sorted(by_run) == sorted(t["mlflow_run_id"] for t in ok + stopped)  # a trial whose config is invalid has no run
+    for t in ok + stopped:
+        c = by_run[t["mlflow_run_id"]]
+        assert float(c.data.params["train.lr"]) == t["overrides"]["train.lr"]
+        assert int(c.data.params["data.max_length"]) == t["overrides"]["data.max_length"]
         # every step logged (a trial interrupted mid-training resumed from its checkpoint, so a step may repeat)
-        assert {m.step for m in client.get_metric_history(c.info.run_id, "train/loss")} == set(range(1, STEPS + 1))
+        steps = {m.step for m in client.get_metric_history(c.info.run_id, "train/loss")}
+        if t["status"] == "FINISHED":
+            assert c.info.status == "FINISHED" and c.data.metrics[metric] == pytest.approx(t[metric])
+            assert steps == set(range(1, STEPS + 1))
+        else:  # stopped early: KILLED, tagged with the step of the report it was stopped on, no eval (its workers may
+            # have trained a step or two more while Tune stopped it)
+            assert c.info.status == "KILLED" and c.data.tags["dpo_ray.stopped_early"] == f"at step {t['step']}"
+            assert metric not in c.data.metrics and 1 in steps
     model = AutoModelForCausalLM.from_pretrained(s["best"]["model_dir"])
     assert Path(s["best"]["model_dir"]) == tmp / "out" / "best" / "model" and model.num_parameters() > 0
     # the best trial went through the champion/challenger gate from its own run (the first version: promoted)
@@ -113,10 +141,10 @@ def test_grid_sweep_shares_one_reference_pass_and_nests_child_runs(grid_sweep):
 
 
 @pytest.mark.slow
-def test_interrupted_sweep_continues_without_retraining(grid_sweep):
+def test_interrupted_sweep_continues_without_retraining(asha_sweep):
     from mlflow.tracking import MlflowClient
 
-    tmp, s, rc_first, first_done, (first, second) = grid_sweep
+    tmp, s, rc_first, first_done, (first, second), _ = asha_sweep
     assert rc_first == 130 and "interrupted; run the same command again" in first
     assert len(first_done) >= 1 and "continuing the sweep" in second
     for path, mtime in first_done.items():  # a trial finished before the interrupt was not run again: its record is untouched
@@ -124,35 +152,7 @@ def test_interrupted_sweep_continues_without_retraining(grid_sweep):
         assert trial["status"] == "FINISHED" and path.stat().st_mtime_ns == mtime
         assert json.loads(path.read_text())["mlflow_run_id"] == trial["mlflow_run_id"]
         assert len(MlflowClient(s["tracking_uri"]).get_metric_history(trial["mlflow_run_id"], "train/loss")) == STEPS  # trained once
-    assert len(s["trials"]) == 3  # and no trial was added or run twice
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("DPO_RAY_ASHA_TEST"), reason=(
-    "about 5 minutes the suite's 45-minute budget has no room for yet (it passed in 290 s on 2026-12-01 with the "
-    "dashboard fix, docs/sweep.md); DPO_RAY_ASHA_TEST=1 runs it"))
-def test_asha_stops_trials_early_and_stages_run_once_per_max_length(tmp_path, cache, tiny_pairs):
-    """Through the CLI, which starts its runtime with Ray's dashboard when a scheduler is set: Ray Train's cleaner then
-    frees a stopped trial's placement group, so the next trial gets its CPU (without the state API it waited for
-    ever: ray#54305)."""
-    sets = sweep_sets(tmp_path, cache, tiny_pairs, **{"train.max_steps": "6", "sweep.eval_every": "1",
-                                                      "sweep.scheduler_metric": "train/loss", "sweep.scheduler_mode": "min"})
-    cmd = [str(Path(sys.executable).parent / "dpo-ray"), "sweep", "configs/demo.yaml", "--scheduler", "asha", "--json",
-           "--grid", "data.max_length=[64,72]", "--grid", "train.lr=[3e-3,1e-9]"] + [a for s in sets for a in ("--set", s)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert time.time() - t0 < 900  # no trial waited for ever on resources a stopped trial kept
-    s = json.loads((tmp_path / "out" / "sweep_summary.json").read_text())  # stdout also holds Tune's status tables
-    statuses = [t["status"] for t in s["trials"]]
-    assert len(statuses) == 4 and "STOPPED" in statuses and "ERROR" not in statuses, s["trials"]
-    stopped = [t for t in s["trials"] if t["status"] == "STOPPED"]
-    assert all(t["step"] < 6 for t in stopped) and all(t["overrides"]["train.lr"] == 1e-9 for t in stopped)
-    # prepare and reference: once per distinct max_length (64 was scored by the grid sweep's cache or here, 72 here)
-    assert s["cost"]["reference_passes"] == 2 and proc.stderr.count("sweep: prepare + reference for data.max_length=") == 2
-    assert s["best"]["overrides"]["train.lr"] == 3e-3
-    assert "state API" not in proc.stderr  # the warning for clusters without the dashboard
+    assert len(s["trials"]) == 6  # and no trial was added or run twice
 
 
 def test_space_parsing_and_stage_keys():
