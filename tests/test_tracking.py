@@ -19,7 +19,7 @@ def test_server_dies_mid_run_training_goes_on_and_losses_are_reported(tmp_path, 
     from mlflow.tracking import MlflowClient
 
     sets = small_config(tmp_path, cache_dir, small_pairs, **{"mlflow.tracking_uri": mlflow_server.uri, "train.max_steps": "null",
-                                                             "train.epochs": "3", "train.checkpoint_every": "10", "train.log_every": "10"})
+                                                             "train.epochs": "1", "train.checkpoint_every": "10", "train.log_every": "10"})
     cmd = [str(Path(sys.executable).parent / "dpo-ray"), "run", "configs/demo.yaml"] + [a for s in sets for a in ("--set", s)]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     storage = tmp_path / "out" / "ray_train"
@@ -41,7 +41,7 @@ def test_server_dies_mid_run_training_goes_on_and_losses_are_reported(tmp_path, 
     assert mlflow_server.proc.poll() is not None  # the server really was gone
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     total = summary["train"]["steps"]
-    assert total == 3 * (summary["data"]["train_rows"] // 4) and (tmp_path / "out" / "model" / "model.safetensors").exists()
+    assert total == summary["data"]["train_rows"] // 4 and (tmp_path / "out" / "model" / "model.safetensors").exists()
     assert summary["mlflow_values_lost"] > 0 and "metric values lost after 3 tries" in out
 
     # back up on the same store: what was written before the failure is there, the rest is missing, not invented
