@@ -245,6 +245,7 @@ def _sweep(cfg: Config, out_dir: Path, address: str | None) -> dict:
     group_cfgs = [with_overrides(base, g, f"sweep ({', '.join(f'{k}={v}' for k, v in g.items()) or 'base'})") for g in groups_wanted]
     inp = preflight(cfg, ("train", "evaluate"))
     state = sweep_state(out_dir, cfg)
+    earlier = list(state.get("invocations", []))  # a continued sweep: what its earlier invocations spent
     # a scheduler stops trials: Ray Train's PlacementGroupCleaner frees a stopped trial's workers' placement group only
     # when Ray's state API (the dashboard) answers; without it the next trial waits for ever (ray#54305)
     started_ray = start_ray(address, dashboard=s.scheduler is not None)
@@ -269,17 +270,20 @@ def _sweep(cfg: Config, out_dir: Path, address: str | None) -> dict:
         wall = time.time() - t0
         summary = {"output_dir": str(out_dir), "tracking_uri": inp.uri, "mlflow_parent_run_id": parent.run_id, "metric": s.metric,
                    "mode": s.mode, "space": {**{k: v for k, v in s.grid.items()}, **s.sample}, "trials": trials,
-                   "cost": cost(wall, stage_seconds, trials)}
+                   "cost": cost(wall, stage_seconds, trials, earlier)}
         if interrupted:
             log.warning("sweep: interrupted with %d trial(s) unfinished; run the same command again to continue", len(interrupted))
             summary["interrupted"] = True
+            record_invocation(out_dir, state, wall, stage_seconds)
             return summary
         close_stopped_runs(parent, trials)
         # [3] the best trial: exported, registered, the other trials' models dropped
         best = pick_best(trials, s)
         summary["best"] = export_best(cfg, inp, groups, best, out_dir, parent, use_gpu) if best else None
-        summary["wall_seconds"] = round(time.time() - t0, 1)
-        summary["cost"] = cost(summary["wall_seconds"], stage_seconds, trials)
+        wall = time.time() - t0
+        summary["cost"] = cost(wall, stage_seconds, trials, earlier)
+        summary["wall_seconds"] = summary["cost"]["wall_seconds"]
+        record_invocation(out_dir, state, wall, stage_seconds)
         log_parent(parent, summary, s)
         if not s.keep_models:
             drop_models(out_dir, trials, best)
@@ -513,24 +517,35 @@ def export_best(cfg: Config, inp: Inputs, groups: dict, best: dict, out_dir: Pat
     return out
 
 
-def cost(wall: float, stage_seconds: list[dict], trials: list[dict]) -> dict:
-    """The sweep's wall time, its shared stages' share, and what scoring the reference once per trial would cost."""
+def record_invocation(out_dir: Path, state: dict, wall: float, stage_seconds: list[dict]) -> None:
+    """This invocation's wall time and shared-stage seconds, in sweep.json: a continued sweep's cost adds them up."""
+    state["invocations"] = state.get("invocations", []) + [{
+        "wall_seconds": round(wall, 1), "prepare_seconds": round(sum(g["prepare_seconds"] for g in stage_seconds), 2),
+        "reference_seconds": round(sum(g["reference_seconds"] for g in stage_seconds), 2)}]
+    write_json_atomic(out_dir / "sweep.json", state)
+
+
+def cost(wall: float, stage_seconds: list[dict], trials: list[dict], earlier: list[dict] = ()) -> dict:
+    """The sweep's wall time, its shared stages' share, and what scoring the reference once per trial would cost; a
+    continued sweep adds up its invocations (`earlier`: those before this one, from sweep.json)."""
     ran = [t for t in trials if t["status"] in ("FINISHED", "STOPPED")]
-    ref_now = sum(g["reference_seconds"] for g in stage_seconds)
-    prep_now = sum(g["prepare_seconds"] for g in stage_seconds)
+    wall += sum(e["wall_seconds"] for e in earlier)
+    ref_now = sum(g["reference_seconds"] for g in stage_seconds) + sum(e["reference_seconds"] for e in earlier)
+    prep_now = sum(g["prepare_seconds"] for g in stage_seconds) + sum(e["prepare_seconds"] for e in earlier)
     per_group_trials = max(1, len(ran)) / max(1, len(stage_seconds))  # trials are spread evenly over the grid's groups
     measured = [g["reference_seconds_measured"] for g in stage_seconds if g["reference_seconds_measured"] is not None]
     independent = sum(measured) * per_group_trials if len(measured) == len(stage_seconds) else None
     return {"wall_seconds": round(wall, 1), "prepare_seconds": round(prep_now, 1), "reference_seconds": round(ref_now, 1),
             "reference_share": round(ref_now / wall, 3) if wall else None, "reference_passes": len(stage_seconds),
             "trials_run": len(ran), "reference_seconds_one_pass_per_trial": round(independent, 1) if independent is not None else None,
-            "per_group": stage_seconds}
+            "invocations": len(earlier) + 1, "per_group": stage_seconds}
 
 
 def log_cost(summary: dict) -> None:
     c, best = summary["cost"], summary.get("best")
-    log.info("sweep: done in %.0f s, %d trial(s) (%s); reference: %d pass(es), %.0f s (%.0f%% of the wall time); %d independent "
-             "runs would score it %d times%s | best: %s", c["wall_seconds"], len(summary["trials"]),
+    log.info("sweep: done in %.0f s%s, %d trial(s) (%s); reference: %d pass(es), %.0f s (%.0f%% of the wall time); %d independent "
+             "runs would score it %d times%s | best: %s", c["wall_seconds"],
+             f" over {c['invocations']} invocations (continued)" if c["invocations"] > 1 else "", len(summary["trials"]),
              ", ".join(f"{n} {st.lower()}" for st, n in sorted(status_counts(summary["trials"]).items())), c["reference_passes"],
              c["reference_seconds"], 100 * (c["reference_share"] or 0), c["trials_run"], c["trials_run"],
              f" (~{c['reference_seconds_one_pass_per_trial']:.0f} s)" if c["reference_seconds_one_pass_per_trial"] is not None else "",

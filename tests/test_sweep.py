@@ -93,6 +93,10 @@ def test_sweep_shares_reference_passes_stops_weak_trials_and_nests_child_runs(as
     assert first.count("reference: scoring pairs.jsonl (train), pairs.jsonl (eval) with") == 2  # one pass each, both splits
     assert "reference: scoring" not in second and second.count("reference: cache hit for pairs.jsonl") == 2
     assert s["cost"]["reference_passes"] == 2 and s["cost"]["reference_seconds_one_pass_per_trial"] > 0
+    # the continued sweep's cost adds up both invocations: the first one's reference passes are in it
+    c = s["cost"]
+    assert c["invocations"] == 2 and c["reference_seconds"] > 0 and 0 < c["reference_share"] < 1
+    assert " over 2 invocations (continued)" in second
     assert "state API" not in first + second  # the warning for clusters without the dashboard
     trials = {(t["overrides"]["data.max_length"], t["overrides"]["train.lr"]): t for t in s["trials"]}
     assert sorted(trials) == sorted((m, lr) for m in (64, 72) for lr in (GOOD_LR, FLAT_LR, BAD_LR))
