@@ -76,6 +76,8 @@ def start_ray(address: str | None, dashboard: bool = False):
     stopped run's placement group needs it, see pipeline/sweep.py). Returns whether a runtime was started."""
     import ray
 
+    global _api_server_set
+
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         check_ray_address(address)
@@ -101,26 +103,28 @@ def start_ray(address: str | None, dashboard: bool = False):
             # (they are started from this one), is the one they all ask.
             port = free_port()
             extra = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
-            os.environ[API_SERVER_ENV] = _SET_API_SERVER[0] = f"http://127.0.0.1:{port}"
+            os.environ[API_SERVER_ENV] = _api_server_set = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=dashboard, log_to_driver=True, **extra)
     return True
 
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
-_SET_API_SERVER = [None]  # the value start_ray put in the environment, taken out again by stop_ray
+_api_server_set: str | None = None  # the value start_ray put in the environment, taken out again by stop_ray
 
 
 def stop_ray() -> None:
     """ray.shutdown() of a runtime start_ray started, and the state API's address it set, unset."""
     import ray
 
+    global _api_server_set
     ray.shutdown()
-    if _SET_API_SERVER[0] is not None and os.environ.get(API_SERVER_ENV) == _SET_API_SERVER[0]:
+    if _api_server_set is not None and os.environ.get(API_SERVER_ENV) == _api_server_set:
         del os.environ[API_SERVER_ENV]
-    _SET_API_SERVER[0] = None
+    _api_server_set = None
 
 
 def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -468,7 +472,6 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, address: str | None = Non
 
 
 def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: bool) -> dict:
-
     t_start = time.time()
     inp = preflight(cfg, stages)
     out_dir, uri = inp.out_dir, inp.uri

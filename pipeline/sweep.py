@@ -235,7 +235,6 @@ def sweep(cfg: Config, address: str | None = None) -> dict:
 
 
 def _sweep(cfg: Config, out_dir: Path, address: str | None) -> dict:
-
     s = cfg.sweep
     if not s.grid and not s.sample:
         raise ConfigError("sweep: nothing to sweep; add --grid key=[a,b] or --sample 'key=loguniform(a,b)' (or a sweep: section)")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
+from pipeline.run import free_port  # noqa: F401  (test_cluster and test_registry import it from here)
 from pipeline.storage import Location
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,14 +108,6 @@ def small_config(tmp_path: Path, cache_dir: Path, data: Path, **overrides) -> li
     }
     sets.update(overrides)
     return [f"{k}={v}" for k, v in sets.items()]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:
