@@ -8,14 +8,18 @@ weights, built from a config in memory (nothing downloaded), on the `long` data 
 
     python benchmarks/profile_step.py --device cpu --out /tmp/prof            # the CPU proxies (2 layers by default)
     python benchmarks/profile_step.py --device cuda --out $OUT/profile        # on the GPU machine: 3 steps, 24 layers
+    python benchmarks/profile_step.py --device cpu --compile --out /tmp/prof-c   # train.compile: the layers compiled
 
-Writes <out>/summary.txt (printed too), <out>/summary.json and <out>/trace.json.gz (the Chrome trace: chrome://tracing
-or ui.perfetto.dev). Counts are per training step, over the profiled steps (after warm-up steps outside the profiler):
+Writes <out>/summary.txt (printed too) and <out>/summary.json first, then <out>/trace.json.gz (the Chrome trace:
+chrome://tracing or ui.perfetto.dev). Steps: warm-up (unprofiled; with --compile the compiling ones), timed
+(unprofiled: the step time without the profiler's overhead), then profiled. Counts are per profiled step:
 
 - aten calls: every `aten::` operator the profiler records (nested calls included: aten::linear and its aten::addmm).
 - kernel calls: the CUDA-kernel proxy on any device: *leaf* aten calls (no aten call inside them) that are not views or
   metadata (NO_KERNEL: view/reshape/transpose/expand/slice/select/detach/empty/... and aten::to without a copy), nor
   sync reads (aten::_local_scalar_dense). On CUDA each such call launches at least one kernel (fused AdamW a few).
+  With --compile, each call of an inductor kernel counts as one too (on CPU its C++ kernels are recorded by name:
+  inductor's cpp.enable_kernel_profile), and the aten calls a compiled graph still makes (extern matmuls) as before.
   On CUDA the summary also counts the kernels the GPU ran and the launch calls the host made (cudaLaunchKernel & co.).
 - host syncs: Python reads of tensor values (Tensor.item / tolist / __bool__ / __float__ / __int__ / numpy, and
   nonzero), counted by a TorchFunctionMode outside the read and the collate (whose tensors are host data), and the aten
@@ -103,7 +107,7 @@ def build(args, work: Path):
     with torch.device(args.device):  # built on the device: no host copy of 0.5B parameters to move
         model = Qwen2ForCausalLM(config)
     rows = tokenized_pairs(write_long(work / "data" / "long.jsonl"), tiny, args.max_length, args.max_prompt_length)
-    n = args.batch * (args.warmup + args.steps)
+    n = args.batch * (args.warmup + args.timed + args.steps)
     rows = (rows * (n // len(rows) + 1))[:n]
     cols = {k: [r[k] for r in rows] for k in ("chosen_input_ids", "rejected_input_ids", "chosen_loss_mask", "rejected_loss_mask")}
     table = pa.table({"row_id": [f"{i:08d}" for i in range(n)], **cols, "ref_chosen_logps": np.zeros(n, np.float32),
@@ -127,6 +131,10 @@ def events_summary(prof, steps: int, cuda: bool) -> dict:
         return e.name not in NO_KERNEL and not has_kernel(e)
 
     kernel_calls = Counter(e.name for e in aten if is_kernel(e))
+    # a compiled graph's own kernels: inductor's C++ kernels on CPU (recorded by name with cpp.enable_kernel_profile),
+    # its Triton kernels' host-side calls on CUDA
+    kernel_calls.update(f"inductor::{e.name.split('_', 2)[-1] if e.name.startswith('graph_') else e.name}" for e in evs
+                        if ("cpp_fused" in e.name or e.name.startswith("triton_")) and not e.name.startswith("aten::"))
     def cpu_only(e) -> bool:  # CPU's fused AdamW reads each parameter's step count (.item()); the CUDA kernel does not
         p = e.cpu_parent
         while p is not None:
@@ -194,10 +202,14 @@ def events_summary(prof, steps: int, cuda: bool) -> dict:
 def text(r: dict) -> str:
     a = r["args"]
     lines = [f"dpo-ray training step under torch.profiler ({a['device']}, {a['model']} shape, {r['layers']} layers, vocab {a['vocab']}, "
-             f"batch {a['batch']}, max_length {a['max_length']}, attention {a['attention']}, {'bf16 autocast' if r['bf16'] else 'fp32'}; "
+             f"batch {a['batch']}, max_length {a['max_length']}, attention {a['attention']}{', compiled layers' if a.get('compile') else ''}, "
+             f"{'bf16 autocast' if r['bf16'] else 'fp32'}; "
              f"{a['steps']} profiled steps after {a['warmup']} warm-up; per step)", "",
              f"- real tokens {r['tokens']:,.0f}, packed positions {r['positions']:,.0f}, micro-batches {r['micro_batches']}",
-             f"- wall time {r['step_seconds']:.3f} s (unprofiled warm-up steps: {r['warmup_seconds']:.3f} s)",
+             f"- wall time {r['step_seconds']:.3f} s profiled; unprofiled: {r['timed_step_seconds'] or float('nan'):.3f} s a step "
+             f"({r['tokens'] / r['timed_step_seconds'] if r.get('timed_step_seconds') else float('nan'):,.0f} tokens/s); warm-up steps "
+             f"{r['warmup_seconds']:.3f} s" + (f"; compiled layers: {r['compile']['compile_graphs']} graphs in {r['compile']['compile_seconds']:.1f} s, "
+                                                f"{r['compile']['recompiles']} recompiles after the warm-up" if r.get("compile") else ""),
              f"- aten calls {r['aten_calls']:,.0f}; kernel calls (leaf, not view/metadata) {r['kernel_calls']:,.0f}",
              f"- host syncs: Python reads {r['python_reads_total']:.0f} {r['python_reads']}; aten sync ops {r['sync_ops_total']:.0f} {r['sync_ops']} (not counted: CPU AdamW's own step reads)"]
     if "gpu_kernels" in r:
@@ -218,7 +230,7 @@ def text(r: dict) -> str:
     return "\n".join(lines)
 
 
-def profile(args, layers: int, work: Path, trace: Path | None) -> dict:
+def profile(args, layers: int, work: Path):
     from torch.profiler import ProfilerActivity, record_function
 
     from dpo_ray import parallel
@@ -233,10 +245,19 @@ def profile(args, layers: int, work: Path, trace: Path | None) -> dict:
     t = TrainConfig(batch_size_per_worker=args.batch, attention=args.attention, lr=1e-5, bf16=args.bf16)
     bf16 = use_bf16(t.bf16, device)
     wrapper = PolicyLogps(model, attention=args.attention).to(device)
+    compiled = None
+    if args.compile:  # train.compile's own code path (dpo_ray.compiling, as parallel.build_policy calls it)
+        from dpo_ray.compiling import compile_layers
+
+        if device.type == "cpu":
+            import torch._inductor.config as inductor_config
+
+            inductor_config.cpp.enable_kernel_profile = True  # each C++ kernel call recorded: counted as a kernel call
+        compiled = compile_layers(parallel.decoder_layers(model), device)
     optimizer = parallel.make_optimizer(wrapper, t, device)
     precision = autocast(bf16, device)
     reader = RowReader(index)
-    n_steps = args.warmup + args.steps
+    n_steps = args.warmup + args.timed + args.steps
     read = lambda step: reader.read(step_positions(len(index), 0, step, n_steps, 0, 1, args.batch, 1))  # noqa: E731
     batches = prefetched(read, range(n_steps), ahead=2)  # as the loop reads: a background thread, two steps ahead
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -263,31 +284,47 @@ def profile(args, layers: int, work: Path, trace: Path | None) -> dict:
             counter.on = False
         return table, tokens
 
+    # the read counter (a TorchFunctionMode) is on the mode stack from the first step: a compiled graph is guarded on
+    # that stack, and would otherwise be compiled again for the profiled steps
+    counter.__enter__()
     t0 = time.perf_counter()
     for i in range(args.warmup):
         step(i)
     sync()
     warm = (time.perf_counter() - t0) / max(args.warmup, 1)
+    if compiled is not None:
+        compiled.mark_warm()
+    t0 = time.perf_counter()
+    for i in range(args.warmup, args.warmup + args.timed):  # unprofiled, after the warm-up: the step's own time
+        step(i)
+    sync()
+    timed = (time.perf_counter() - t0) / args.timed if args.timed else None
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with counter, torch.profiler.profile(activities=activities) as prof:
+    counter.calls.clear()  # the profiled steps' reads only
+    with torch.profiler.profile(activities=activities) as prof:
         t0 = time.perf_counter()
-        for i in range(args.warmup, n_steps):
+        for i in range(args.warmup + args.timed, n_steps):
             table, tokens = step(i)
             stats["tokens"] += tokens
             stats["positions"] += int(sum(table["pair_tokens"].to_pylist()))
         sync()
         wall = (time.perf_counter() - t0) / args.steps
+    counter.__exit__(None, None, None)
     r = events_summary(prof, args.steps, device.type == "cuda")
-    r.update(layers=layers, bf16=bf16, step_seconds=wall, warmup_seconds=warm, tokens=stats["tokens"] / args.steps,
+    r.update(layers=layers, bf16=bf16, step_seconds=wall, warmup_seconds=warm, timed_step_seconds=timed, tokens=stats["tokens"] / args.steps,
              positions=stats["positions"] / args.steps, micro_batches=len(micro_batches(table["pair_tokens"].to_pylist(), args.batch, None)),
              python_reads={k: v / args.steps for k, v in counter.calls.items()}, python_reads_total=sum(counter.calls.values()) / args.steps)
-    if trace is not None:
-        raw = trace.with_suffix("")
-        prof.export_chrome_trace(str(raw))
-        with open(raw, "rb") as f, gzip.open(trace, "wb") as g:
-            shutil.copyfileobj(f, g)
-        raw.unlink()
-    return r
+    if compiled is not None:
+        r["compile"] = compiled.metrics()
+    return r, prof
+
+
+def write_trace(prof, trace: Path) -> None:
+    raw = trace.with_suffix("")
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as f, gzip.open(trace, "wb") as g:
+        shutil.copyfileobj(f, g)
+    raw.unlink()
 
 
 def main() -> None:
@@ -304,6 +341,8 @@ def main() -> None:
     ap.add_argument("--bf16", default="auto", choices=("auto", "true", "false"))
     ap.add_argument("--warmup", type=int, default=None, help="unprofiled steps first (default 2 on CUDA, 1 on CPU)")
     ap.add_argument("--steps", type=int, default=None, help="profiled steps (default 3 on CUDA, 1 on CPU)")
+    ap.add_argument("--timed", type=int, default=None, help="unprofiled timed steps between warm-up and profile (default 3 on CUDA, 1 on CPU)")
+    ap.add_argument("--compile", action="store_true", help="train.compile: each decoder layer compiled (dpo_ray.compiling)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--work", type=Path, default=None, help="tokenizer and data (default: a temporary directory)")
     ap.add_argument("--out", type=Path, required=True)
@@ -312,6 +351,7 @@ def main() -> None:
     args.bf16 = {"auto": "auto", "true": True, "false": False}[args.bf16]
     args.warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
     args.steps = args.steps or (3 if cuda else 1)
+    args.timed = args.timed if args.timed is not None else (3 if cuda else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
     full = {"qwen-0.5b": 24, "qwen-1.5b": 28, "tiny": 2}[args.model]
@@ -320,11 +360,11 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="dpo-ray-profile-"))
     print(f"profiling {args.steps} step(s) after {args.warmup} warm-up, {layers} layers on {args.device} ...", flush=True)
     t0 = time.time()
-    r = profile(args, layers, work, args.out / "trace.json.gz")
+    r, prof = profile(args, layers, work)
     r["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     if args.layers_delta and layers > 1:
         print(f"  ({time.time() - t0:.0f} s) and with 1 layer, for the per-layer split ...", flush=True)
-        one = profile(args, 1, work, None)
+        one, _ = profile(args, 1, work)
         per = {k: (r[k] - one[k]) / (layers - 1) for k in ("aten_calls", "kernel_calls")}
         r["per_layer"] = {**per, "fixed_aten_calls": one["aten_calls"] - per["aten_calls"], "fixed_kernel_calls": one["kernel_calls"] - per["kernel_calls"],
                           "full_layers": full, "full_aten_calls": one["aten_calls"] + (full - 1) * per["aten_calls"],
@@ -334,7 +374,8 @@ def main() -> None:
     (args.out / "summary.json").write_text(json.dumps(r, indent=1))
     s = text(r)
     (args.out / "summary.txt").write_text(s + "\n")
-    print(s)
+    print(s, flush=True)
+    write_trace(prof, args.out / "trace.json.gz")  # after the summary: a cut run still leaves the figures
 
 
 if __name__ == "__main__":

@@ -198,6 +198,11 @@ class TrainConfig(_Strict):
         "flex (FlexAttention, one block mask per batch; compiled on CUDA, eager and slow on CPU) or varlen (flash "
         "varlen_attn on CUDA, one call per layer, the prompt's keys/values copied for the rejected reply; per-sequence "
         "SDPA on CPU)"))
+    compile: bool = Field(False, description=(
+        "torch.compile each decoder layer (regional, as torchtitan does; the packed attention stays eager between the "
+        "compiled parts), sequence length dynamic: compiled in the first step, not again; the compile time and any "
+        "recompiles go to MLflow (train/compile_seconds, train/recompiles). No C/C++ compiler or an error compiling: "
+        "one warning, the step runs eagerly"))
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between Ray Train checkpoints")
     log_every: int = Field(10, ge=1, description="optimizer steps between progress lines (loss, rewards, tokens/s, ETA)")
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the last checkpoint when a worker dies")

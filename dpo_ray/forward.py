@@ -52,6 +52,8 @@ def supports_packing(model) -> bool:
 class PolicyLogps(nn.Module):
     """Wraps a causal LM so that DDP/FSDP see one forward: a batch from `collate` -> (logps (2B,), counts (2B,))."""
 
+    compile_stats = None  # train.compile: dpo_ray.compiling.CompileStats, set by parallel.build_policy
+
     def __init__(self, model: nn.Module, reply_only_head: bool = True, packed: bool = True, attention: str = "sdpa"):
         super().__init__()
         self.model = model
@@ -74,12 +76,13 @@ class PolicyLogps(nn.Module):
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         ids = batch["input_ids"]
         kwargs = {"input_ids": ids, "position_ids": batch["position_ids"], "use_cache": False}
+        # a packed row's layout rides on a placeholder mask (packing.placeholder_mask): the layers see tensors only
         if batch["attn_blocks"] is not None:
-            kwargs.update(attention_mask=packing.placeholder_mask(ids.device), attn_blocks=batch["attn_blocks"])
+            kwargs["attention_mask"] = packing.placeholder_mask(ids.device, attn_blocks=batch["attn_blocks"])
         elif batch.get("varlen") is not None:  # index tensors built once per batch in collate, shared by every layer
-            kwargs.update(attention_mask=packing.placeholder_mask(ids.device), varlen=batch["varlen"])
+            kwargs["attention_mask"] = packing.placeholder_mask(ids.device, varlen=batch["varlen"])
         elif batch.get("flex_index") is not None:  # one block mask per batch, shared by every layer
-            kwargs.update(attention_mask=packing.placeholder_mask(ids.device), flex_mask=packing.flex_block_mask(batch["flex_index"]))
+            kwargs["attention_mask"] = packing.placeholder_mask(ids.device, flex_mask=packing.flex_block_mask(batch["flex_index"]))
         else:
             kwargs["attention_mask"] = batch["attention_mask"]
         extras = batch.get("extras") or ()  # "shared": LD-DPO split sums; "wpo": WPO log-weights

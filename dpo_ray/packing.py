@@ -368,6 +368,7 @@ def varlen_attention(query, key, value, varlen: dict, scale=None) -> torch.Tenso
     return torch.cat(outs)[None]
 
 
+@torch.compiler.disable
 def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, attn_blocks=None, flex_mask=None,
                      varlen=None, **kwargs):
     """transformers attention function for packed pairs; without attn_blocks or flex_mask it is plain SDPA attention.
@@ -377,6 +378,9 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     itself). With flex_mask: one FlexAttention call over the whole row with that block mask (the same rule). With
     varlen: varlen_attention (the same rule, the rejected reply's keys a copy of the prompt's and its own).
     """
+    layout = getattr(attention_mask, LAYOUT_ATTR, None)  # a packed row's layout rides on its placeholder mask
+    if layout is not None:
+        attn_blocks, flex_mask, varlen = layout.get("attn_blocks"), layout.get("flex_mask"), layout.get("varlen")
     if varlen is not None:
         return varlen_attention(query, key, value, varlen, scale=scaling), None
     gqa = query.shape[1] != key.shape[1]
@@ -402,7 +406,16 @@ def register() -> str:
     return ATTENTION
 
 
-# A 4D mask is passed through by transformers' mask builder as-is: packed calls hand it this placeholder
-# (ignored by packed_attention) so that no (N, N) mask is ever built for a packed row.
-def placeholder_mask(device) -> torch.Tensor:
-    return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+# A 4D mask is passed through by transformers' mask builder as-is: packed calls hand it this placeholder, which carries
+# the row's layout (the attention blocks, the flex block mask or the varlen index) as a Python attribute, so that no
+# (N, N) mask is ever built for a packed row and the decoder layers see only tensors: a compiled layer
+# (train.compile) is not specialised on the layout's lists and ints, and recompiles only for a new dynamic shape.
+# packed_attention (run eagerly, a graph break in a compiled layer) reads the layout back from the mask it is given.
+LAYOUT_ATTR = "_dpo_ray_layout"
+
+
+def placeholder_mask(device, **layout) -> torch.Tensor:
+    mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+    if layout:
+        setattr(mask, LAYOUT_ATTR, layout)
+    return mask

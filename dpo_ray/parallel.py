@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .compiling import compile_layers
 from .forward import PolicyLogps
 from .model import empty_model, enable_activation_checkpointing, load_model
 
@@ -83,6 +84,8 @@ def build_policy(cfg, policy_path: str, rank: int, world: int, device: torch.dev
     fsdp = t.strategy == "fsdp"
     model = load_policy_model(cfg, policy_path, rank, bf16)
     wrapper = PolicyLogps(model, attention=t.attention)  # packed pairs (prompt once per pair, no padding) when the model allows
+    # train.compile: each decoder layer's forward compiled (inside DDP's / FSDP2's hooks, which stay eager)
+    wrapper.compile_stats = compile_layers(decoder_layers(model), device) if t.compile else None
     if not fsdp:
         import ray.train.torch
 

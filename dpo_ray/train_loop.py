@@ -283,6 +283,11 @@ def train_loop_per_worker(config: dict) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         m, tokens = train_step(policy, wrapper, optimizer, table, t, config["pad_id"], device, precision, world, fsdp, spec)
+        compiled = wrapper.compile_stats  # train.compile: graphs compiled, seconds, recompiles after the first step
+        if compiled is not None:
+            if compiled.after_warm is None and rank == 0:
+                log.info("train.compile: %d graphs compiled in %.1f s in the first step", compiled.graphs, compiled.seconds)
+            compiled.mark_warm()
         if m is None:  # non-finite loss or gradient: the update was skipped, the weights stay as they were
             nonfinite += 1
             log.warning("rank %d step %d: non-finite loss or gradient, update skipped (%d in a row)", rank, step + 1, nonfinite)
@@ -295,6 +300,8 @@ def train_loop_per_worker(config: dict) -> None:
         # metrics: means over workers from train_step; peaks: the largest worker's
         m["learning_rate"] = lr
         m["world_size"] = world
+        if compiled is not None:
+            m.update(compiled.metrics())
         if rank == 0:  # which pairs the step trained (over all ranks): the same at any world size, and after any restart
             m["pairs_digest"] = step_digest(step)
         if delay:
@@ -327,7 +334,8 @@ def train_loop_per_worker(config: dict) -> None:
             save = lambda d, st: checkpoint.save(d, policy, model, optimizer, st, rank, fsdp, lora, final=step + 1 == total_steps)  # noqa: E731
             report(save, {"step": step + 1, "loss_first": loss_first, "loss_last": m["loss"], "tokens_per_second": m["tokens_per_second"],
                           "total_steps": total_steps, "host_memory_peak_mb": m["host_memory_peak_mb"],
-                          "gpu_peak_memory_mb": m.get("gpu_peak_memory_mb"), "train/loss": sum(w[0] for w in window) / len(window),
+                          "gpu_peak_memory_mb": m.get("gpu_peak_memory_mb"), "compile_seconds": m.get("compile_seconds"),
+                          "recompiles": m.get("recompiles"), "train/loss": sum(w[0] for w in window) / len(window),
                           "train/rewards/accuracies": sum(w[1] for w in window) / len(window)})
             window = []
     if start_step >= total_steps:  # resumed after the last step: report once so the run has a result

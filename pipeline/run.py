@@ -394,7 +394,9 @@ def train_and_export(cfg: Config, inp: Inputs, ref, use_gpu: bool, cpus_per_work
     return model_dir, {"steps": m.get("step"), "loss_first": m.get("loss_first"), "loss_last": m.get("loss_last"),
                        "tokens_per_second": m.get("tokens_per_second"), "checkpoint": result.checkpoint.path,
                        # the largest worker's peaks (MB): host RSS, and allocated GPU memory on GPUs
-                       "host_memory_peak_mb": m.get("host_memory_peak_mb"), "gpu_peak_memory_mb": m.get("gpu_peak_memory_mb")}
+                       "host_memory_peak_mb": m.get("host_memory_peak_mb"), "gpu_peak_memory_mb": m.get("gpu_peak_memory_mb"),
+                       # train.compile: seconds compiling (the first step) and graphs compiled again after it
+                       **({"compile_seconds": m["compile_seconds"], "recompiles": m.get("recompiles")} if m.get("compile_seconds") is not None else {})}
 
 
 def evaluate_and_log(cfg: Config, inp: Inputs, ref, model_dir: Path, use_gpu: bool, tracker, step: int,
