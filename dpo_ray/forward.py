@@ -53,6 +53,15 @@ class PolicyLogps(nn.Module):
     """Wraps a causal LM so that DDP/FSDP see one forward: a batch from `collate` -> (logps (2B,), counts (2B,))."""
 
     compile_stats = None  # train.compile: dpo_ray.compiling.CompileStats, set by parallel.build_policy
+    _flops = None
+
+    def flops(self):
+        """The model's dpo_ray.flops.ModelFlops (for a batch's model FLOPs: flops.batch_flops), counted once."""
+        if self._flops is None:
+            from .flops import ModelFlops
+
+            self._flops = ModelFlops.of(self.model)
+        return self._flops
 
     def __init__(self, model: nn.Module, reply_only_head: bool = True, packed: bool = True, attention: str = "sdpa"):
         super().__init__()

@@ -20,7 +20,9 @@ Either layout comes out as one dict the model wrapper (forward.PolicyLogps) take
       (kv_index) into [P, chosen, P, rejected tail], one sequence per reply: queries (P+c, r), keys (P+c, P+r), causal
       aligned bottom-right. Built once per batch on the host, reused by every layer.
 Plus plain numbers for throughput accounting: tokens (real sequence tokens, chosen + rejected, the same
-for both layouts) and positions (token positions the model runs, padding included).
+for both layouts), positions (token positions the model runs, padding included), and for model FLOPs
+(dpo_ray.flops) model_positions (those positions without padding) and attn_pairs (the query-key pairs the
+attention masks allow: causal per sequence, a rejected tail over the shared prompt and itself).
 Pure torch: no Ray, no MLflow.
 """
 from __future__ import annotations
@@ -128,7 +130,7 @@ def pad_pairs(batch: dict, pad_id: int) -> dict:
     tokens = int(attn.sum())
     return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn), "position_ids": None,
             **_scores(pos, tgt, seq), "attn_blocks": None, "flex_index": None, "varlen": None, "n_seqs": len(seqs), "tokens": tokens, "positions": ids.size,
-            **_refs(batch)}
+            "model_positions": tokens, "attn_pairs": sum(len(x) * (len(x) + 1) // 2 for x in seqs), **_refs(batch)}
 
 
 def pack_pairs(batch: dict, attention: str = "sdpa", mask_device=None) -> dict:
@@ -165,7 +167,8 @@ def pack_pairs(batch: dict, attention: str = "sdpa", mask_device=None) -> dict:
     return {"input_ids": torch.from_numpy(np.concatenate(ids))[None], "attention_mask": None,
             "position_ids": torch.from_numpy(np.concatenate(positions))[None], **_scores(pos, tgt, seq),
             "attn_blocks": blocks, "flex_index": index, "varlen": varlen,
-            "n_seqs": 2 * B, "tokens": tokens, "positions": off, **_refs(batch)}
+            "n_seqs": 2 * B, "tokens": tokens, "positions": off, "model_positions": off,
+            "attn_pairs": sum(lc * (lc + 1) // 2 + tail * s + tail * (tail + 1) // 2 for _, lc, s, tail in layout), **_refs(batch)}
 
 
 def attention_blocks(layout: list[tuple[int, int, int, int]], budget: int | None = None) -> list[tuple[int, int, torch.Tensor]]:
@@ -363,8 +366,7 @@ def varlen_attention(query, key, value, varlen: dict, scale=None) -> torch.Tenso
     for q0, q1, k0, k1 in varlen["segments"]:
         lq, lk = q1 - q0, k1 - k0
         mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)  # causal, aligned bottom-right
-        outs.append(F.scaled_dot_product_attention(q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1),
-                                                   attn_mask=mask, scale=scale, enable_gqa=gqa).transpose(0, 1))
+        outs.append(masked_sdpa(q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1), mask, scale).transpose(0, 1))
     return torch.cat(outs)[None]
 
 
@@ -391,9 +393,29 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    outs = [F.scaled_dot_product_attention(query[:, :, a : a + n], key[:, :, a : a + n], value[:, :, a : a + n], attn_mask=mask,
-                                           scale=scaling, enable_gqa=gqa) for a, n, mask in attn_blocks]
+    outs = [masked_sdpa(query[:, :, a : a + n], key[:, :, a : a + n], value[:, :, a : a + n], mask, scaling)
+            for a, n, mask in attn_blocks]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def masked_sdpa(query, key, value, mask, scale=None):
+    """SDPA with a boolean mask, (..., H, L, D) queries and (..., Hkv, L, D) keys/values. On CUDA it must not reach the
+    math kernel (fp32 upcast, the whole score matrix): flash takes no mask, and torch 2.11's memory-efficient kernel
+    takes a mask but no grouped-query heads (it gained them after 2.11, pytorch#191085), so with a mask and
+    enable_gqa the call went to cuDNN attention on Hopper (first in 2.11's order with cuDNN > 9.15), whose backward
+    can return NaN with a mask at some lengths (pytorch#196678; TRL#7181 on Qwen2.5-0.5B). So on CUDA: the KV heads
+    repeated and the memory-efficient kernel asked for first (math only if it refuses an input). Elsewhere: SDPA with
+    enable_gqa as before. benchmarks/NOTES-issue30-gpu.md has the reading of torch 2.11's selection code."""
+    gqa = query.shape[-3] != key.shape[-3]  # heads: (..., H, L, D)
+    if not query.is_cuda:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if gqa:
+        n = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(n, dim=-3), value.repeat_interleave(n, dim=-3)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
 
 
 def register() -> str:

@@ -29,6 +29,7 @@ from torch.profiler import record_function
 
 from . import checkpoint, parallel
 from .config import Config
+from .flops import batch_flops, datasheet_peak
 from .forward import autocast, use_bf16
 from .losses import combine, ld_logps, loss_terms
 from .metrics import NAMES, metric_vector
@@ -167,9 +168,14 @@ def train_step(policy, wrapper, optimizer, table, t, pad_id: int, device, precis
     tokens_per_pair = scored_tokens(table["chosen_loss_mask"].to_pylist()) / table.num_rows if {"sft", "orpo"} & set(spec.types) else 1.0
     extras = loss_extras(spec)
 
+    flops = 0.0  # model FLOPs of this worker's step (dpo_ray.flops: the positions and mask pairs the batches run)
+
     def collate(idx):
+        nonlocal flops
         with record_function("dpo_ray.collate"):
-            return wrapper.collate(as_lists(table, idx), pad_id, device, extras=extras)
+            batch = wrapper.collate(as_lists(table, idx), pad_id, device, extras=extras)
+        flops += batch_flops(wrapper.flops(), batch, wrapper.reply_only_head)
+        return batch
 
     # gradients reduced once per step: on the last micro-batch (each worker has one, however many it has)
     sync = lambda last: parallel.sync_gradients(policy, world, last_micro=last)  # noqa: E731
@@ -197,7 +203,7 @@ def train_step(policy, wrapper, optimizer, table, t, pad_id: int, device, precis
         # the finite check and the metrics in one device vector, summed over workers, read by the host once a step
         bad = (~torch.isfinite(grad_norm)) | (~torch.isfinite(losses).all())
         stats = torch.cat([bad.double().reshape(1), losses.mean().double().reshape(1), *terms, metric_vector(cr, rr, pc, pr),
-                           grad_norm.detach().double().reshape(1), torch.tensor([float(tokens)], dtype=torch.float64).to(grad_norm.device)])
+                           grad_norm.detach().double().reshape(1), torch.tensor([float(tokens), flops], dtype=torch.float64).to(grad_norm.device)])
         if world > 1:
             dist.all_reduce(stats)
         values = stats.tolist()
@@ -206,8 +212,8 @@ def train_step(policy, wrapper, optimizer, table, t, pad_id: int, device, precis
             return None, tokens
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    m = dict(zip(("loss", *names, *NAMES, "grad_norm"), (v / world for v in values[1:-1])))  # means over workers (equal pair counts)
-    m["tokens"] = values[-1]  # summed over workers
+    m = dict(zip(("loss", *names, *NAMES, "grad_norm"), (v / world for v in values[1:-2])))  # means over workers (equal pair counts)
+    m["tokens"], m["model_flops"] = values[-2], values[-1]  # summed over workers
     return m, tokens
 
 
@@ -273,6 +279,7 @@ def train_loop_per_worker(config: dict) -> None:
                  f", LoRA r={t.lora.r} on {t.lora.target_modules}: {n_train:,} trainable parameters" if lora else "")
 
     # [3] the loop
+    peak = datasheet_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     policy.train()
     nonfinite, t_start, step_times, last, window = 0, time.time(), [], {}, []
     for step in range(start_step, total_steps):
@@ -308,6 +315,11 @@ def train_loop_per_worker(config: dict) -> None:
             time.sleep(delay)
         step_times.append(time.time() - t0)
         m["tokens_per_second"] = m.pop("tokens") / step_times[-1]
+        # honest MFU: the model FLOPs the step executed (prompt once, the head where it runs, attention by the masks)
+        # over the datasheet's dense bf16 peak of every worker's GPU (dpo_ray/flops.py); not on CPUs (no datasheet)
+        m["model_tflops_per_second"] = m["model_flops"] / step_times[-1] / 1e12
+        if peak:
+            m["mfu"] = m["model_flops"] / step_times[-1] / (peak * world)
         m["step_seconds"] = step_times[-1]
         peaks = [host_memory_peak_mb(), torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0]
         if world > 1:  # the largest worker's peaks: host RSS, and allocated GPU memory so far (on the device: NCCL's too)
@@ -334,7 +346,7 @@ def train_loop_per_worker(config: dict) -> None:
             save = lambda d, st: checkpoint.save(d, policy, model, optimizer, st, rank, fsdp, lora, final=step + 1 == total_steps)  # noqa: E731
             report(save, {"step": step + 1, "loss_first": loss_first, "loss_last": m["loss"], "tokens_per_second": m["tokens_per_second"],
                           "total_steps": total_steps, "host_memory_peak_mb": m["host_memory_peak_mb"],
-                          "gpu_peak_memory_mb": m.get("gpu_peak_memory_mb"), "compile_seconds": m.get("compile_seconds"),
+                          "gpu_peak_memory_mb": m.get("gpu_peak_memory_mb"), "compile_seconds": m.get("compile_seconds"), "mfu": m.get("mfu"),
                           "recompiles": m.get("recompiles"), "train/loss": sum(w[0] for w in window) / len(window),
                           "train/rewards/accuracies": sum(w[1] for w in window) / len(window)})
             window = []

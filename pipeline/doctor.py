@@ -18,13 +18,15 @@ PASS, FAIL, SKIP = "pass", "FAIL", "skip"
 
 
 def version() -> str:
-    def v(name: str) -> str:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "not installed"
+    def v(name: str, *others: str) -> str:  # mlflow: or mlflow-skinny, the same package under another name
+        for n in (name, *others):
+            try:
+                return metadata.version(n) + ("" if n == name else f" ({n})")
+            except metadata.PackageNotFoundError:
+                pass
+        return "not installed"
 
-    return f"dpo-ray {v('dpo-ray')} (python {platform.python_version()}, torch {v('torch')}, ray {v('ray')}, mlflow {v('mlflow')})"
+    return f"dpo-ray {v('dpo-ray')} (python {platform.python_version()}, torch {v('torch')}, ray {v('ray')}, mlflow {v('mlflow', 'mlflow-skinny')})"
 
 
 def _python():

@@ -50,10 +50,13 @@ def tracking_uri(uri: str):
 
 def pip_requirements() -> list[str]:
     """This environment's versions (MLflow's default list for transformers wants torchvision, and inferring one loads
-    the model again in a subprocess)."""
+    the model again in a subprocess). mlflow's own from mlflow.__version__: mlflow-skinny (the GPU machine's wheels)
+    installs the same package under another distribution name, and version("mlflow") would raise there."""
     from importlib.metadata import version
 
-    return [f"{p}=={version(p).split('+')[0]}" for p in REQUIREMENTS]
+    import mlflow
+
+    return [f"{p}=={(mlflow.__version__ if p == 'mlflow' else version(p)).split('+')[0]}" for p in REQUIREMENTS]
 
 
 def log_mlflow_model(run_id: str, client, model_dir: Path, trust_remote_code: bool = False) -> str:

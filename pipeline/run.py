@@ -393,6 +393,7 @@ def train_and_export(cfg: Config, inp: Inputs, ref, use_gpu: bool, cpus_per_work
     m = result.metrics or {}
     return model_dir, {"steps": m.get("step"), "loss_first": m.get("loss_first"), "loss_last": m.get("loss_last"),
                        "tokens_per_second": m.get("tokens_per_second"), "checkpoint": result.checkpoint.path,
+                       **({"mfu": m["mfu"]} if m.get("mfu") is not None else {}),  # on GPUs with a known datasheet peak
                        # the largest worker's peaks (MB): host RSS, and allocated GPU memory on GPUs
                        "host_memory_peak_mb": m.get("host_memory_peak_mb"), "gpu_peak_memory_mb": m.get("gpu_peak_memory_mb"),
                        # train.compile: seconds compiling (the first step) and graphs compiled again after it
