@@ -84,6 +84,17 @@ def flops_model(path: Path) -> dict:
             "layers": config.num_hidden_layers, "hidden": config.hidden_size}
 
 
+def model_flops_of(path: Path):
+    """dpo_ray.flops.ModelFlops of the model in `path` (built on the meta device: no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dpo_ray.flops import ModelFlops
+
+    with torch.device("meta"):
+        return ModelFlops.of(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)))
+
+
 def train_flops_per_token(m: dict, seq_len: float) -> float:
     """6N per token for forward + backward, plus attention (PaLM's count: 12 * layers * hidden * sequence length)."""
     return 6 * m["N"] + 12 * m["layers"] * m["hidden"] * seq_len

@@ -96,7 +96,7 @@ def train(spec: dict) -> dict:
     peak = rss.stop()
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     hist = {k: {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], f"train/{k}")}
-            for k in ("step_seconds", "tokens_per_second", "loss", "gpu_peak_memory_mb")}
+            for k in ("step_seconds", "tokens_per_second", "loss", "gpu_peak_memory_mb", "model_flops")}
     measured = [s for s in sorted(hist["step_seconds"]) if s > spec["warmup_steps"]]
     seconds = sum(hist["step_seconds"][s] for s in measured)
     tokens = sum(hist["step_seconds"][s] * hist["tokens_per_second"][s] for s in measured)
@@ -105,6 +105,7 @@ def train(spec: dict) -> dict:
     ray.shutdown()
     return {"name": f"dpo-ray (Ray Train worker, packed pairs, {spec.get('attention', 'sdpa')} attention)", "steps": len(measured), "pairs": len(measured) * spec["batch_size"],
             "peak_gpu_mb": max(hist["gpu_peak_memory_mb"].values(), default=None),
+            "model_flops": sum(hist["model_flops"].get(s, 0.0) for s in measured),  # dpo_ray.flops: what the steps ran
             "tokens": round(tokens), "positions": None, "padding_fraction": 0.0, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "pairs_per_s": len(measured) * spec["batch_size"] / seconds, "peak_rss_mb": peak, "loss_first": hist["loss"].get(1),
             "ref_seconds": times["reference"], "ref_rows": rows, "ref_tokens": ref_tokens,
