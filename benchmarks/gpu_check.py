@@ -308,7 +308,9 @@ def table(args) -> str:
     e = res.get("e2e", {})
     if e.get("train"):
         lines.append(f"- e2e: {e['train']['steps']} steps, loss_first - ln2 = {e['loss_first_minus_ln2']:+.2e}, "
-                     f"{e['train']['tokens_per_second']:,.0f} tokens/s, eval accuracy {e.get('eval', {}).get('rewards/accuracies')}")
+                     f"{e['train']['tokens_per_second']:,.0f} tokens/s, eval accuracy {e.get('eval', {}).get('rewards/accuracies')}"
+                     + (f", compiled layers: {e['train']['compile_seconds']:.1f} s compiling, {e['train'].get('recompiles')} recompiles"
+                        if e["train"].get("compile_seconds") is not None else ""))
     elif e:
         lines.append(f"- e2e: no summary.json (exit {e.get('returncode')} after {e.get('seconds')} s); the row: "
                      + (f"{e['row'].get('source')}, {e['row'].get('steps')} steps" if e.get("row") and "tokens_per_s" in e["row"] else
