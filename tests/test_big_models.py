@@ -120,6 +120,27 @@ def test_fsdp_matches_ddp(refs, arch, tmp_path, request):
     assert min(rel(w_fsdp[k], start[k]) for k in w_ddp if w_ddp[k].dim() == 2) > 1e-4  # every matrix moved
 
 
+def test_compiled_layers_under_ddp_match_eager(refs, llama_runs, tmp_path):
+    """train.compile through Ray Train on 2 DDP workers, fp32: the per-step losses, gradient norms and margins and the
+    final weights equal the eager ddp run's; the workers compiled once (MLflow: recompiles 0 at every step)."""
+    from mlflow.tracking import MlflowClient
+
+    cfg, ref, model = refs["llama"]
+    eager, h_eager = llama_runs["ddp"]
+    compiled, h_compiled = train(cfg, ref, model, tmp_path, "ddp-compiled", strategy="ddp", compile=True)
+    assert h_compiled["steps"] == h_eager["steps"] == [1, 2, 3, 4]
+    for k in ("loss", "grad_norm", "rewards/margins"):
+        for s, (a, b) in enumerate(zip(h_compiled[k], h_eager[k]), 1):
+            assert abs(a - b) <= REL * abs(b) + 1e-7, (k, s, a, b)
+    w_eager, w_compiled = final_weights(eager), final_weights(compiled)
+    assert whole_rel(w_compiled, w_eager) < REL  # measured 3.4e-6: the compiled graph adds in another order, and AdamW
+    # moves a weight by ~lr whatever its gradient's size (tests/test_compile.py)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("big-models").experiment_id], "attributes.run_name = 'ddp-compiled'")[0]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "train/recompiles")] == [0.0] * 4
+    assert client.get_metric_history(run.info.run_id, "train/compile_seconds")[0].value > 0
+
+
 def test_fsdp_with_lora_matches_ddp_with_lora(refs, tmp_path):
     """LoRA through Ray Train on 2 workers, fp32, dropout 0: with fsdp (the adapters sharded with their layers, the
     frozen base too) and with ddp, the per-step losses, gradient norms and margins and the final adapters agree to 1e-5;
