@@ -298,14 +298,27 @@ def history(client, run_id: str, key: str) -> dict[int, tuple[float, int]]:
     return out
 
 
-def past_a_checkpoint_at_two(sizes: dict[int, tuple[float, int]]) -> bool:
-    """Two workers since step s2 and two steps past the first checkpoint at or after it. An elastic run can start
-    with one worker, when the cluster's last job still held a `trainer` as it began, and grow to two later."""
+def past_a_checkpoint_at_two(sizes: dict[int, tuple[float, int]], registered: int | None) -> bool:
+    """Two workers since step s2, the first checkpoint at or after it registered by Ray Train's controller, and two
+    steps past it. An elastic run can start with one worker, when the cluster's last job still held a `trainer` as it
+    began, and grow to two later. Registered, not only reported: the controller collects the workers' reports when it
+    polls them (every 2 s), so a node lost between a report and that poll takes the report with it."""
     last = s2 = max(sizes)
     while s2 - 1 in sizes and sizes[s2 - 1][0] == 2.0:
         s2 -= 1
     checkpoint = -(-s2 // CHECKPOINT_EVERY) * CHECKPOINT_EVERY
-    return sizes[last][0] == 2.0 and last >= checkpoint + 2
+    return sizes[last][0] == 2.0 and registered is not None and registered >= checkpoint and last >= checkpoint + 2
+
+
+def registered_step(s3, sid: str) -> int | None:
+    """The step of the latest checkpoint Ray Train's controller has registered: its checkpoint manager's snapshot
+    in the run's storage (what a restart resumes from)."""
+    for path in s3.listing(f"ray/{sid}"):
+        if path.endswith("/checkpoint_manager_snapshot.json"):
+            with s3.fs.open_input_stream(path) as f:
+                latest = json.loads(f.read()).get("latest_checkpoint_result")
+            return latest and latest["metrics"].get("step")
+    return None
 
 
 def run_named(client, name: str):
@@ -372,7 +385,7 @@ def test_elastic_run_survives_a_lost_node_and_grows_back(cluster, services, full
         while time.time() < deadline:  # past a checkpoint taken with two workers
             run = run or run_named(client, sid)
             sizes = history(client, run.info.run_id, "train/world_size") if run else {}
-            if sizes and past_a_checkpoint_at_two(sizes):
+            if sizes and past_a_checkpoint_at_two(sizes, registered_step(s3, sid)):
                 break
             assert job_status(cluster, sid) != "FAILED", explain(cluster, sid)
             time.sleep(0.5)
