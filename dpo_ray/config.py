@@ -354,6 +354,12 @@ class SweepConfig(_Strict):
     keep_models: bool = Field(False, description="keep every trial's exported model and checkpoints; false: only the best's")
 
 
+class ClusterConfig(_Strict):
+    wait_for_resources_s: float = Field(300, gt=0, description=(
+        "how long a stage waits for the cluster to hold what it needs (its first actor, its workers' minimum) before it "
+        "stops with one line naming what is missing: time for an autoscaler to add a node, or a lost one to return"))
+
+
 class Config(_Strict):
     name: str = Field("dpo", description="the experiment's name, saved with the config and in the MLflow params")
     output_dir: str = Field("runs/dpo", description=(
@@ -370,6 +376,7 @@ class Config(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="the generations and the judge of the evaluate stage")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="the MLflow Model Registry gate")
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="`dpo-ray sweep` only: the search space and its settings")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="how the stages fit the Ray cluster they find")
 
     @model_validator(mode="after")
     def _win_rate_needs_a_judge(self) -> "Config":

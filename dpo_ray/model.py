@@ -1,6 +1,7 @@
 """Resolve, load and fingerprint models and tokenizers (local HF directory, hub id, or the demo model)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -18,12 +19,12 @@ class ModelError(ValueError):
     """A model or tokenizer the user named cannot be used."""
 
 
-def resolve_model(name: str, cache_dir: str | Path) -> str:
+def resolve_model(name: str, cache_dir: str | Path, claim=None) -> str:
     """A local directory (absolute path), a hub id (unchanged), or a demo model (DEMO_MODELS, built once under
     <cache_dir>/models; demo:tiny-llama-sft from demo:tiny-llama's directory, which it builds first if need be).
 
     `cache_dir` here is a local directory (a model must be one to load): the driver passes config cache_dir when it
-    is local, else output_dir (pipeline.storage.model_root)."""
+    is local, else output_dir (pipeline.storage.model_root). `claim` (pipeline.lease.model_claim): see _build_once."""
     if "://" in str(cache_dir):
         raise ModelError(f"models are built and downloaded into a local directory, not {cache_dir}")
     if name.startswith(DEMO_PREFIX):
@@ -32,11 +33,11 @@ def resolve_model(name: str, cache_dir: str | Path) -> str:
         from .demo import DEMO_MODEL_VERSION, DEMO_SFT_VERSION, build_demo_model, build_demo_sft_model
 
         models = Path(cache_dir).resolve() / "models"
-        base = _build_once(models / f"demo-tiny-llama-{DEMO_MODEL_VERSION}", build_demo_model, "the demo model and tokenizer")
+        base = _build_once(models / f"demo-tiny-llama-{DEMO_MODEL_VERSION}", build_demo_model, "the demo model and tokenizer", claim)
         if name == "demo:tiny-llama":
             return str(base)
         return str(_build_once(models / f"demo-tiny-llama-sft-{DEMO_MODEL_VERSION}-{DEMO_SFT_VERSION}",
-                               lambda tmp: build_demo_sft_model(tmp, base), "the demo SFT model"))
+                               lambda tmp: build_demo_sft_model(tmp, base), "the demo SFT model", claim))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists() and not (path / "tokenizer_config.json").exists():
@@ -47,21 +48,29 @@ def resolve_model(name: str, cache_dir: str | Path) -> str:
     return name  # a hub id: transformers resolves it (from its local cache when offline)
 
 
-def _build_once(out: Path, build, what: str) -> Path:
-    """out, built by build(tmp_dir) into a temporary sibling and renamed, unless it is there already (a concurrent
-    builder that renames first wins; the other's copy is dropped)."""
-    if not (out / "config.json").exists():
+def _build_once(out: Path, build, what: str, claim=None) -> Path:
+    """out, built by build(tmp_dir) into a temporary sibling and renamed, unless it is there already (config.json: it
+    only ever appears with the whole directory). A concurrent builder that renames first wins; the other's copy is
+    dropped. With `claim(out, what)`, a context manager (pipeline.lease.model_claim), a run that finds another
+    building the same model waits for it instead of building it too."""
+    if (out / "config.json").exists():
+        return out
+    with claim(out, what) if claim else contextlib.nullcontext():
+        if (out / "config.json").exists():  # built by the run we waited for
+            return out
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
         try:
             build(tmp)
-            tmp.rename(out)
-        except OSError:  # another process built it first
-            if not (out / "config.json").exists():
-                raise
+            try:
+                tmp.rename(out)
+                log.info("built %s in %s", what, out)
+            except OSError as e:  # ENOTEMPTY/EEXIST: a concurrent builder renamed first, a hit; else out is not a model
+                if not (out / "config.json").exists():
+                    raise ModelError(f"cannot put {what} in place at {out} ({e.strerror or e}); remove {out} and run again") from None
+                log.info("%s was built by another run meanwhile (%s); this run's copy is dropped", what, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        log.info("built %s in %s", what, out)
     return out
 
 

@@ -5,7 +5,9 @@ On the local filesystem the directory is filled aside and renamed into place (`a
 directory rename, so there it is filled in a fresh `attempt-<id>/` inside it and the marker, written last, names
 that attempt: a single object written at once, so a reader sees either no marker or a whole attempt, and two runs
 filling the same key at the same time cannot mix their files (the last marker wins; both attempts are whole).
-`completed()` gives the directory that holds the data either way.
+`completed()` gives the directory that holds the data either way. A writer that finds the key completed by another
+run when it is about to put its own copy in place drops its copy and uses theirs: a cache hit, never an error
+(`install`). Two runs that want the same key at once compute it once: see pipeline/lease.py.
 
 The marker also vouches for the files: its first line is "ok" or the attempt's name, the rest a JSON manifest of every
 file written (relative name, size in bytes, and rows for Parquet). `completed()` checks the files against it (one
@@ -15,6 +17,7 @@ before it existed) are taken as they are.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -117,20 +120,26 @@ ATTEMPT = "attempt-"  # prefix of the per-attempt directories on object stores
 def completed(loc: Location | Path) -> Location | None:
     """The directory holding the data of a complete `loc` (itself, or the attempt its marker names); None if not
     complete, or if a file its marker vouches for is missing or damaged (reported once, as one line naming the file)."""
-    loc = loc if isinstance(loc, Location) else local(loc)
-    try:
-        first, _, rest = (loc / DONE).read_text().partition("\n")
-    except FileNotFoundError:
-        return None
-    first = first.strip()
-    data = loc / first if first.startswith(ATTEMPT) and "/" not in first else loc
-    problem = damage(data, json.loads(rest)["files"]) if rest.strip() else None
+    data, problem = check(loc if isinstance(loc, Location) else local(loc))
     if problem:
         if problem not in _reported:
             _reported.add(problem)
             log.warning("cache: %s; that part of the cache is recomputed", problem)
         return None
     return data
+
+
+def check(loc: Location) -> tuple[Location | None, str | None]:
+    """(the directory holding loc's data, None) when loc is complete; (None, what is wrong) when a file its marker
+    vouches for is missing or damaged; (None, None) without a marker. Silent: `completed` reports."""
+    try:
+        first, _, rest = (loc / DONE).read_text().partition("\n")
+    except FileNotFoundError:
+        return None, None
+    first = first.strip()
+    data = loc / first if first.startswith(ATTEMPT) and "/" not in first else loc
+    problem = damage(data, json.loads(rest)["files"]) if rest.strip() else None
+    return (None, problem) if problem else (data, None)
 
 
 _reported: set[str] = set()  # problems already reported by this process (completed() is asked more than once)
@@ -188,14 +197,19 @@ def complete_dir(final: Location):
     attempt = final / f"{ATTEMPT}{uuid.uuid4().hex[:12]}"
     attempt.mkdir()
     yield attempt
-    (final / DONE).write_text(marker_text(attempt.name, attempt))
+    if completed(final) is not None:  # another run finished first: its whole attempt is the result, ours is named by no marker
+        log.info("cache: %s was completed by another run meanwhile; this run's copy is dropped", final)
+        attempt.remove()
+        return
+    (final / DONE).write_text(marker_text(attempt.name, attempt))  # both check at once: both write, the last marker wins
 
 
 @contextmanager
 def atomic_dir(final: Path):
     """Yield a temporary sibling directory; on success mark it complete and rename it to `final`.
 
-    A crash leaves only a `.tmp-*` directory, which no reader mistakes for a finished artifact.
+    A crash leaves only a `.tmp-*` directory, which no reader mistakes for a finished artifact. Another writer of
+    the same `final` that finishes first is a cache hit, never an error (`install`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -204,15 +218,50 @@ def atomic_dir(final: Path):
     try:
         yield tmp
         (tmp / DONE).write_text(marker_text("ok", local(tmp)))
-        if final.exists():  # an earlier incomplete or damaged copy, or a concurrent writer that finished first
-            if is_complete(final):
-                shutil.rmtree(tmp)
-                return
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        install(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def install(tmp: Path, final: Path, tries: int = 5, window=None) -> None:
+    """Rename the complete directory `tmp` to `final`. A complete `final` that is there first (another run won the
+    race: before our look, or between it and the rename, which then fails with ENOTEMPTY/EEXIST) is the result: ours
+    is dropped. An incomplete one is cleared first (`clear_incomplete`). `window()`, if given, runs between the look
+    and the rename (tests let another writer finish there).
+    """
+    for _ in range(tries):
+        if is_complete(final):
+            shutil.rmtree(tmp)
+            return
+        if window:
+            window()
+        try:
+            os.replace(tmp, final)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        if check(local(final))[0] is None:  # not another writer's finished copy
+            clear_incomplete(final)
+    raise LockedError(f"cache: {final} keeps changing under other writers ({tries} tries to put this run's copy in place); "
+                      f"run again once they have finished")
+
+
+def clear_incomplete(final: Path) -> None:
+    """Remove `final` unless it is complete: renamed aside, then deleted. Under a lock beside it (.tmp-<name>.clearing,
+    left in place), so that of writers clearing at once none takes away the copy another has put in place meanwhile:
+    a complete directory, which another run may be reading, is never moved or deleted. Without the lock a writer's
+    rename only succeeds onto an absent `final`, which only a clearer leaves, under the lock."""
+    import fcntl
+
+    with open(final.parent / f".tmp-{final.name}.clearing", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not final.exists() or check(local(final))[0] is not None:
+            return
+        aside = final.parent / f".tmp-{final.name}-old-{uuid.uuid4().hex[:8]}"
+        os.rename(final, aside)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -24,7 +24,9 @@ from dpo_ray.judges import FunctionJudge, JudgeError, RewardModelJudge, last_use
 from dpo_ray.model import fingerprint_model, load_tokenizer
 
 from . import console
-from .artifacts import complete_dir, completed, fingerprint
+from .artifacts import complete_dir, fingerprint
+from .lease import cache_claim
+from .placement import actor_resources, plan_pool
 from .reference import read_split, scoring_bf16
 from .storage import open_location
 
@@ -69,7 +71,8 @@ def generate_replies(cfg, prompts: list[dict], model_path: str, tokenizer_path: 
     size = g.batch_size
     batches = [{"row_ids": [p["row_id"] for p in prompts[i:i + size]], "prompt_ids": [p["prompt_ids"] for p in prompts[i:i + size]],
                 "batch_index": i // size} for i in range(0, len(prompts), size)]
-    actors = max(1, min(r.num_actors, len(batches)))
+    actors = plan_pool("generate", "generating actor", actor_resources(r.cpus_per_actor, 1 if use_gpu else 0), max(1, min(r.num_actors, len(batches))),
+                       cfg.cluster.wait_for_resources_s)  # what the cluster holds now
     ds = ray.data.from_items(batches, override_num_blocks=len(batches)).map_batches(
         Generator, fn_constructor_kwargs=dict(model_path=model_path, tokenizer_path=tokenizer_path, prefix="",
                                               settings=settings_of(g).__dict__, trust_remote_code=cfg.model.trust_remote_code,
@@ -98,14 +101,15 @@ def reference_replies(cfg, prompts: list[dict], reference_path: str, tokenizer_p
     key = fingerprint("generations", VERSION, fingerprint_model(reference_path), prompts_digest(prompts), settings_of(g).key(),
                       "bf16" if use_gpu and scoring_bf16(cfg, use_gpu) else "fp32")
     out = open_location(cfg.cache_dir) / "generations" / key
-    if (d := completed(out)) is not None:
-        log.info("generate: reference: cache hit (%s): the reference model is not run", out)
-        return pq.read_table((d / "replies.parquet").path, filesystem=d.fs).to_pandas(), True
-    df, speed = generate_replies(cfg, prompts, reference_path, tokenizer_path, "reference", use_gpu)
-    with complete_dir(out) as tmp:
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), (tmp / "replies.parquet").path, filesystem=tmp.fs)
-        (tmp / "key.json").write_text(json.dumps({"reference_model": reference_path, "settings": settings_of(g).key(),
-                                                  "prompts": len(prompts), **speed}) + "\n")
+    with cache_claim(out, "the reference's replies") as claim:  # another run generating them: wait, then read them
+        if (d := claim.done) is not None:
+            log.info("generate: reference: cache hit (%s): the reference model is not run", out)
+            return pq.read_table((d / "replies.parquet").path, filesystem=d.fs).to_pandas(), True
+        df, speed = generate_replies(cfg, prompts, reference_path, tokenizer_path, "reference", use_gpu)
+        with complete_dir(out) as tmp:
+            pq.write_table(pa.Table.from_pandas(df, preserve_index=False), (tmp / "replies.parquet").path, filesystem=tmp.fs)
+            (tmp / "key.json").write_text(json.dumps({"reference_model": reference_path, "settings": settings_of(g).key(),
+                                                      "prompts": len(prompts), **speed}) + "\n")
     return df, False
 
 
@@ -122,6 +126,7 @@ def judge(cfg, table: pd.DataFrame, use_gpu: bool) -> pd.DataFrame:
     else:
         fn, kwargs, gpus, what = RewardModelJudge, {"path": j.reward_model, "trust_remote_code": cfg.model.trust_remote_code,
                                                     "token": cfg.model.hf_token}, (1 if use_gpu else 0), f"reward model {j.reward_model}"
+    plan_pool("judge", "judge actor", actor_resources(cfg.reference.cpus_per_actor, gpus), 1, cfg.cluster.wait_for_resources_s)
     log.info("judge: scoring %d replies with the %s", len(rows), what)
     out = ray.data.from_items(rows).map_batches(fn, fn_constructor_kwargs=kwargs, batch_size=j.batch_size, batch_format="pandas",
                                                 compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.reference.cpus_per_actor,

@@ -26,6 +26,7 @@ from dpo_ray.model import fingerprint_tokenizer, load_tokenizer
 
 from . import console, sources
 from .artifacts import DataError, complete_dir, completed, fingerprint, hash_file, resolve_data_files
+from .lease import cache_claim
 from .storage import Location, open_location
 
 log = logging.getLogger("dpo_ray")
@@ -157,11 +158,12 @@ def run(cfg, tokenizer_path: str, rejects_copy: Path) -> Prepared:
                           "eval" if is_eval else ("train" if eval_files else cfg.data.eval_fraction),
                           cfg.data.columns_map, cfg.data.apply_chat_template)
         out = cache / "prepared" / key
-        data = completed(out)
-        if data:
-            log.info("prepare: %s unchanged, reusing %s", f.name, out)
-        else:
-            _prepare_file(cfg, f, kinds[f], is_eval, bool(eval_files), tokenizer_path, out)
+        with cache_claim(out, f"the prepared data of {f.name}") as claim:  # another run preparing it: wait, then reuse
+            data = claim.done
+            if data:
+                log.info("prepare: %s unchanged, reusing %s", f.name, out)
+            else:
+                _prepare_file(cfg, f, kinds[f], is_eval, bool(eval_files), tokenizer_path, out)
         parts.append(Part(f, data or completed(out), key, data is not None, digest))
 
     # across files: the first copy of a pair is kept (files in order, then lines): only the later copies come back

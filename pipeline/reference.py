@@ -30,8 +30,10 @@ from dpo_ray.packing import pair_tokens
 from dpo_ray.parallel import scores_in_bf16_weights
 from dpo_ray.scoring import LogpsScorer, scoring_precision
 
-from . import console
+from . import console, placement
 from .artifacts import DONE, complete_dir, completed, fingerprint, is_complete
+from .lease import cache_claim
+from .placement import TASK_CPUS, actor_resources, plan_pool
 from .prepare import Prepared
 from .storage import Location, open_location
 
@@ -87,9 +89,10 @@ def read_split(parts: list[Location], split: str, drop_ids: list[str] = ()):
     paths = [split_dir(p, split).path for p in parts if has_split(p, split)]
     if not paths:
         return None
-    ds = ray.data.read_parquet(paths, filesystem=parts[0].fs)
+    ds = placement.read_parquet(paths, parts[0].fs)  # read tasks that fit beside the scoring pool it feeds
     if drop_ids:
-        ds = ds.map_batches(_drop_rows, batch_format="pyarrow", fn_kwargs={"row_ids": pa.array(list(drop_ids), type=pa.string())})
+        ds = ds.map_batches(_drop_rows, batch_format="pyarrow", fn_kwargs={"row_ids": pa.array(list(drop_ids), type=pa.string())},
+                            num_cpus=TASK_CPUS)
     return ds
 
 
@@ -144,6 +147,8 @@ def score(ds, model_path: str, tokenizer_path: str, prefix: str, cfg, use_gpu: b
     import ray
 
     r = cfg.reference
+    per_actor = actor_resources(r.cpus_per_actor, r.gpus_per_actor if use_gpu else 0, r.actor_resources)
+    n = plan_pool("reference" if prefix == "ref_" else "evaluate", "scoring actor", per_actor, r.num_actors, cfg.cluster.wait_for_resources_s)
     return ds.map_batches(
         LogpsScorer,
         fn_constructor_kwargs=dict(model_path=model_path, tokenizer_path=tokenizer_path, prefix=prefix,
@@ -151,7 +156,7 @@ def score(ds, model_path: str, tokenizer_path: str, prefix: str, cfg, use_gpu: b
                                    attention=cfg.train.attention, max_tokens=r.max_tokens_per_batch, wpo=wpo,
                                    **scoring_precision_of(cfg, use_gpu)),
         batch_format="pyarrow", batch_size=r.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=min(r.min_actors, r.num_actors), max_size=r.num_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=min(r.min_actors, n), max_size=n),  # what the cluster holds now
         num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor if use_gpu else 0,
         **({"resources": dict(r.actor_resources)} if r.actor_resources else {}),
     )
@@ -163,33 +168,54 @@ def run(cfg, prepared: Prepared, reference_path: str, tokenizer_path: str, use_g
     last. A run killed midway leaves nothing that looks finished, and the next run reuses what is."""
     model_key = fingerprint_model(reference_path)
     cache = open_location(cfg.cache_dir)
-    parts, hits, todo, queued = [], [], [], set()
-    for part in prepared.parts:
-        key = fingerprint("reference", VERSION, part.key, model_key, scoring_precision(**scoring_precision_of(cfg, use_gpu)))
-        out = cache / "reference" / key
-        parts.append(out)
-        hits.append(part_complete(out) or str(out) in queued)  # the same content in two files: scored once
-        if hits[-1]:
-            log.info("reference: cache hit for %s (%s): the reference model is not run", part.file.name, out)
-            continue
-        (out / DONE).remove()  # a part with a damaged split is not complete until that split is recomputed
-        out.mkdir()
-        for split in ("train", "eval"):
-            if not has_split(part.path, split):
+    parts, hits, todo, queued, waiting = [], [], [], set(), []
+    with contextlib.ExitStack() as held:  # the leases of the splits this run scores, released once they are complete
+        for part in prepared.parts:
+            key = fingerprint("reference", VERSION, part.key, model_key, scoring_precision(**scoring_precision_of(cfg, use_gpu)))
+            out = cache / "reference" / key
+            parts.append(out)
+            hits.append(part_complete(out) or str(out) in queued)  # the same content in two files: scored once
+            if hits[-1]:
+                log.info("reference: cache hit for %s (%s): the reference model is not run", part.file.name, out)
                 continue
-            if is_complete(out / split):
-                log.info("reference: reusing the finished %s split of %s from an interrupted run", split, part.file.name)
-                continue
-            todo.append((part, out, split))
+            (out / DONE).remove()  # a part with a damaged split is not complete until that split is recomputed
+            out.mkdir()
             queued.add(str(out))
-    if todo:
-        score_splits(cfg, todo, reference_path, tokenizer_path, use_gpu)
+            for split in ("train", "eval"):
+                if not has_split(part.path, split):
+                    continue
+                if is_complete(out / split):
+                    log.info("reference: reusing the finished %s split of %s from an interrupted run", split, part.file.name)
+                    continue
+                claim = held.enter_context(cache_claim(out / split, split_what(part, split), wait=False))
+                if claim.done is None:  # ours to score, or another live run is scoring it: waited for below
+                    (todo if claim.lease else waiting).append((part, out, split))
+        if todo:
+            score_splits(cfg, todo, reference_path, tokenizer_path, use_gpu)
+    scored = {str(out) for _, out, _ in todo} | wait_for_splits(cfg, waiting, reference_path, tokenizer_path, use_gpu)
     for part, out, hit in zip(prepared.parts, parts, hits):
         if hit:
             continue
         (out / "key.json").write_text(json.dumps({"prepared": part.key, "file": str(part.file), "reference_model": reference_path}) + "\n")
         (out / DONE).write_text("ok\n")
-    return Reference(parts, fingerprint("reference", [p.name for p in parts]), all(hits), prepared.drop_ids)
+    # a hit: this run ran the reference model for none of it (what another run scored meanwhile included)
+    return Reference(parts, fingerprint("reference", [p.name for p in parts]), not scored, prepared.drop_ids)
+
+
+def split_what(part, split: str) -> str:
+    return f"the reference {split} split of {part.file.name}"
+
+
+def wait_for_splits(cfg, waiting: list[tuple], reference_path: str, tokenizer_path: str, use_gpu: bool) -> set[str]:
+    """The splits other runs were scoring: waited for (pipeline/lease.py), in one order for every run, holding only
+    leases earlier in it, so two runs never wait for each other; those whose run gave up or died are scored here, in
+    one pass. Returns the reference dirs scored here."""
+    with contextlib.ExitStack() as held:
+        mine = [(part, out, split) for part, out, split in sorted(waiting, key=lambda t: str(t[1] / t[2]))
+                if held.enter_context(cache_claim(out / split, split_what(part, split))).done is None]
+        if mine:
+            score_splits(cfg, mine, reference_path, tokenizer_path, use_gpu)
+    return {str(out) for _, out, _ in mine}
 
 
 def score_splits(cfg, todo: list[tuple], reference_path: str, tokenizer_path: str, use_gpu: bool) -> None:
@@ -231,11 +257,11 @@ def score_pass(cfg, todo: list[tuple], reference_path: str, tokenizer_path: str,
             d = stack.enter_context(complete_dir(out / split))
             dirs[str(i)] = (d.fs, d.path, split == "eval")
             src = part.path / split
-            datasets.append(ray.data.read_parquet(src.path, filesystem=src.fs).map_batches(
-                add_pair_tokens, batch_format="pyarrow", fn_kwargs={"dest": str(i), "check": split == "eval"}))
+            datasets.append(placement.read_parquet(src.path, src.fs).map_batches(  # tasks that fit beside the pool
+                add_pair_tokens, batch_format="pyarrow", fn_kwargs={"dest": str(i), "check": split == "eval"}, num_cpus=TASK_CPUS))
         ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
         return score(ds, reference_path, tokenizer_path, "ref_", cfg, use_gpu).map_batches(
-            write_split_files, batch_format="pyarrow", batch_size=None, fn_kwargs={"dirs": dirs}).take_all()
+            write_split_files, batch_format="pyarrow", batch_size=None, fn_kwargs={"dirs": dirs}, num_cpus=TASK_CPUS).take_all()
 
 
 def lost_to_the_cluster(err: BaseException) -> str | None:

@@ -21,6 +21,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .lease import model_claim
 from .storage import model_root
 
 log = logging.getLogger("dpo_ray")
@@ -158,15 +159,22 @@ def download(uri: str, name_or_uri: str, cache: Path) -> tuple[str, str]:
         raise ModelError(f"{name_or_uri}: not in the MLflow registry at {uri} ({str(e).splitlines()[0][:160]}); "
                          f"for the first run set model.policy to a base model, its result becomes the champion") from None
     out = registry_dir(cache, name, mv.version)
-    if not (out / "config.json").exists():
+    if (out / "config.json").exists():
+        return str(out), mv.version
+    with model_claim(out, f"the download of {name} version {mv.version}") as claim:  # another run downloading it: waited for
+        if claim.done:
+            return str(out), mv.version
         # the version's own source URI with an explicit tracking URI: "models:/" URIs would use the global registry URI
         source = client.get_model_version_download_uri(name, mv.version)
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tmp-") as tmp:
             got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri))
-            if not (out / "config.json").exists():
-                # an MLflow transformers model, or a plain HF folder (versions registered before models were MLflow models)
+            try:  # an MLflow transformers model, or a plain HF folder (versions registered before models were MLflow models)
                 os.replace(to_hf_dir(got) if (got / "MLmodel").exists() else got, out)
+            except OSError as e:  # ENOTEMPTY/EEXIST: another run put its download in place first, a hit
+                if not (out / "config.json").exists():
+                    raise ModelError(f"{name_or_uri}: cannot put the download in place at {out} ({e.strerror or e}); "
+                                     f"remove {out} and run again") from None
     return str(out), mv.version
 
 

@@ -22,17 +22,15 @@ from dpo_ray.checkpoint import ADAPTER
 from dpo_ray.model import load_tokenizer, merge_adapter, resolve_model
 from dpo_ray.tracking import check_reachable, dataset_input, ensure_experiment, resolve_tracking_uri, system_metrics
 
-from . import evaluate, generate, prepare, reference, register, train
+from . import evaluate, generate, placement, prepare, reference, register, train
+from .placement import ResourceError
 from .artifacts import atomic_dir, exclusive, resolve_data_files, write_json_atomic
+from .lease import model_claim, name_run
 from .storage import StorageError, model_root, open_location, redact
 
 log = logging.getLogger("dpo_ray")
 STAGES = ("prepare", "reference", "train", "evaluate", "register")  # register runs only when registry.name is set
 DATA_HEADROOM_CPUS = 0.5  # left free for Ray Data read tasks: with none free, a dataset waits forever
-
-
-class ResourceError(RuntimeError):
-    """The Ray cluster cannot run the requested workers; waiting would hang."""
 
 
 class SetupError(RuntimeError):
@@ -105,6 +103,7 @@ def start_ray(address: str | None, dashboard: bool = False):
             extra = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
             os.environ[API_SERVER_ENV] = _api_server_set = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=dashboard, log_to_driver=True, **extra)
+        placement.FIXED["local"] = True  # nothing to wait for: this runtime never gains a node
     return True
 
 
@@ -118,6 +117,7 @@ def stop_ray() -> None:
 
     global _api_server_set
     ray.shutdown()
+    placement.FIXED["local"] = False
     if _api_server_set is not None and os.environ.get(API_SERVER_ENV) == _api_server_set:
         del os.environ[API_SERVER_ENV]
     _api_server_set = None
@@ -144,26 +144,28 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
 
 
 def plan_resources(cfg: Config) -> tuple[bool, float]:
-    """(use_gpu, cpus_per_worker), or a ResourceError naming what does not fit."""
-    import ray
-
-    res = ray.cluster_resources()
-    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
-    t, r = cfg.train, cfg.reference
-    use_gpu = t.use_gpu if t.use_gpu is not None else gpus >= 1
+    """(use_gpu, cpus_per_worker) for training on the cluster as it is now (asked again when the train stage starts:
+    a node may have gone since the run began); waits up to cluster.wait_for_resources_s for the minimum of workers,
+    then a ResourceError naming what does not fit. The other stages size their pools themselves (pipeline/placement.py)."""
+    t = cfg.train
     n = t.min_workers  # elastic runs start with min and grow into what the cluster gains
-    if use_gpu and gpus < n:
-        raise ResourceError(f"train.use_gpu needs {n} GPU(s), the Ray cluster has {gpus:g}; lower train.num_workers or set train.use_gpu=false")
-    cpw = t.cpus_per_worker or min(1.0, (cpus - DATA_HEADROOM_CPUS) / t.max_workers)
-    if cpw <= 0 or n * cpw + DATA_HEADROOM_CPUS > cpus + 1e-9:
-        raise ResourceError(f"train needs {n} x {cpw:g} CPUs plus {DATA_HEADROOM_CPUS} for data, the Ray cluster has {cpus:g}; "
-                            f"lower train.num_workers or train.cpus_per_worker")
-    if use_gpu and gpus < r.gpus_per_actor:
-        raise ResourceError(f"reference.gpus_per_actor is {r.gpus_per_actor}, the Ray cluster has {gpus:g} GPU(s); lower it")
-    if r.num_actors * r.cpus_per_actor + DATA_HEADROOM_CPUS > cpus + 1e-9:
-        raise ResourceError(f"reference needs {r.num_actors} x {r.cpus_per_actor:g} CPUs plus {DATA_HEADROOM_CPUS} for reading, "
-                            f"the Ray cluster has {cpus:g}; lower reference.num_actors or reference.cpus_per_actor")
-    return use_gpu, cpw
+    plan: dict = {}
+
+    def ok(nodes: placement.Nodes) -> bool:
+        cpus, gpus = nodes.total("CPU"), nodes.total("GPU")
+        use_gpu = t.use_gpu if t.use_gpu is not None else gpus >= 1
+        cpw = t.cpus_per_worker or min(1.0, (cpus - DATA_HEADROOM_CPUS) / t.max_workers)
+        plan.update(use_gpu=use_gpu, cpw=cpw)
+        return cpw > 0 and n * cpw + DATA_HEADROOM_CPUS <= cpus + 1e-9 and (not use_gpu or gpus >= n)
+
+    nodes = placement.Nodes.now()
+    if not ok(nodes) and (t.use_gpu and nodes.total("GPU") < n):
+        raise ResourceError(f"train.use_gpu needs {n} GPU(s), the Ray cluster has {nodes.total('GPU'):g}; lower train.num_workers or set train.use_gpu=false")
+    if not ok(nodes):
+        placement.wait_for("train", f"{n} worker(s) of {plan['cpw']:g} CPU{' and 1 GPU' if plan['use_gpu'] else ''} plus "
+                           f"{DATA_HEADROOM_CPUS} CPU for data (lower train.num_workers or train.cpus_per_worker)",
+                           cfg.cluster.wait_for_resources_s, ok)
+    return plan["use_gpu"], plan["cpw"]
 
 
 def gpu_memory_bytes(cfg: Config, use_gpu: bool) -> float | None:
@@ -308,7 +310,7 @@ COMMANDS = {  # CLI command -> stages it runs; prepare and reference are cache l
 def resolve(name: str, uri: str, cache: Path) -> str:
     if name.startswith("models:/"):
         return register.download(uri, name, cache)[0]
-    return resolve_model(name, cache)
+    return resolve_model(name, cache, claim=model_claim)  # a run building the same demo model: waited for
 
 
 @dataclass
@@ -471,6 +473,7 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, address: str | None = Non
     out_dir = Path(cfg.output_dir).resolve()
     check_output_dir(out_dir)
     with exclusive(out_dir):
+        name_run(str(out_dir))  # how this run's cache leases name it to the runs that wait for it
         return _run(cfg, stages, address, retrain)
 
 
@@ -506,6 +509,7 @@ def _run(cfg: Config, stages: tuple[str, ...], address: str | None, retrain: boo
         summary["mlflow_run_id"] = tracker.run_id
         model_dir = out_dir / ("adapter" if cfg.train.lora and not cfg.train.lora.merge else "model")
         if "train" in stages:
+            use_gpu, cpus_per_worker = plan_resources(cfg)  # the cluster as it is when training starts
             model_dir, summary["train"] = train_and_export(cfg, inp, ref, use_gpu, cpus_per_worker, tracker)
         summary["model_dir"] = str(model_dir)
         if "evaluate" in stages:

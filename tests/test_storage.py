@@ -60,9 +60,9 @@ def test_completion_marker_on_an_object_store(s3):
     assert data.parent.path == final.path and data.name.startswith("attempt-") and first == data.name
     assert json.loads(manifest) == {"files": {"a.txt": {"size": 5}}}  # the files the marker vouches for
     assert (data / "a.txt").read_text() == "whole"
-    with complete_dir(final) as d2:  # a second writer of the same key: its own attempt; the marker names a whole one
+    with complete_dir(final) as d2:  # a second writer of the same key: its own attempt, dropped since the key is complete
         (d2 / "a.txt").write_text("again")
-    assert completed(final).name == d2.name and (data / "a.txt").read_text() == "whole"
+    assert completed(final) == data and (data / "a.txt").read_text() == "whole" and not d2.is_dir()
 
 
 def test_damaged_files_on_an_object_store_are_named_and_not_used(s3, caplog):
