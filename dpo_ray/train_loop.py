@@ -281,7 +281,7 @@ def train_loop_per_worker(config: dict) -> None:
     # [3] the loop
     peak = datasheet_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     policy.train()
-    nonfinite, t_start, step_times, last, window = 0, time.time(), [], {}, []
+    nonfinite, t_start, step_times, last, window, notices = 0, time.time(), [], {}, [], set()
     for step in range(start_step, total_steps):
         t0 = time.time()
         with record_function("dpo_ray.read"):  # waits for the prefetch thread only when it is behind
@@ -341,8 +341,10 @@ def train_loop_per_worker(config: dict) -> None:
                      m["rewards/margins"], m["grad_norm"], lr, m["tokens_per_second"], eta // 60, eta % 60)
             tracker.flush()
 
-        # checkpoint: every worker writes its part and reports it at the same steps (dpo_ray.checkpoint)
-        if (step + 1) % t.checkpoint_every == 0 or step + 1 == total_steps:
+        # checkpoint: every worker writes its part and reports it at the same steps (dpo_ray.checkpoint); also at the
+        # first step after a drain notice (a spot node's preemption), so that the restart loses no step
+        noticed = preemption_notice(notices, rank, step + 1, tracker)
+        if (step + 1) % t.checkpoint_every == 0 or step + 1 == total_steps or noticed is not None:
             save = lambda d, st: checkpoint.save(d, policy, model, optimizer, st, rank, fsdp, lora, final=step + 1 == total_steps)  # noqa: E731
             report(save, {"step": step + 1, "loss_first": loss_first, "loss_last": m["loss"], "tokens_per_second": m["tokens_per_second"],
                           "total_steps": total_steps, "host_memory_peak_mb": m["host_memory_peak_mb"],
@@ -350,6 +352,8 @@ def train_loop_per_worker(config: dict) -> None:
                           "recompiles": m.get("recompiles"), "train/loss": sum(w[0] for w in window) / len(window),
                           "train/rewards/accuracies": sum(w[1] for w in window) / len(window)})
             window = []
+        if noticed is not None and step + 1 < total_steps:
+            hold_until_restart(noticed, rank)
     if start_step >= total_steps:  # resumed after the last step: report once so the run has a result
         save = lambda d, st: checkpoint.save(d, policy, model, optimizer, st, rank, fsdp, lora, final=True)  # noqa: E731
         report(save, {"step": total_steps, "loss_first": loss_first, "loss_last": last.get("loss"), "total_steps": total_steps})
@@ -364,6 +368,42 @@ def pairs_digest(positions) -> float:
     sorted positions, exact in a float64 metric."""
     data = np.sort(np.asarray(positions, dtype=np.int64)).tobytes()
     return float(int(hashlib.sha1(data).hexdigest()[:12], 16))
+
+
+def preemption_notice(seen: set, rank: int, step: int, tracker) -> float | None:
+    """Whether a node of this worker group has been told to drain (a spot node's preemption notice: `ray drain-node`,
+    a SIGTERM to its `ray start`, the autoscaler) since the last time: then this step is checkpointed. Ray Train's
+    PreemptionWatcher marks the workers; ray.train.get_preemption_info agrees on one answer for all ranks (a barrier:
+    every rank calls it once a step). At the drain's deadline Ray Train restarts the group from the latest checkpoint,
+    without counting it against train.max_failures (FailureConfig.max_preemption_failures, unlimited)."""
+    info = ray.train.get_preemption_info()
+    nodes = frozenset(info.preempted_node_ids) if info is not None else frozenset()
+    if not nodes or nodes <= seen:
+        return None
+    seen |= nodes
+    if rank == 0:
+        left = f"{info.deadline_ms / 1000 - time.time():.0f} s before its deadline" if info.deadline_ms else "no deadline given"
+        log.warning("train: node(s) %s of this run are draining (preemption, %s): checkpoint at step %d", ", ".join(sorted(n[:12] for n in nodes)), left, step)
+        tracker.set_tag(f"preempted.step_{step}", f"node(s) {', '.join(sorted(nodes))} draining, {left}: checkpoint at step {step}")
+    return info.deadline_ms / 1000 if info.deadline_ms else time.time() + PREEMPTION_DEADLINE_S
+
+
+PREEMPTION_DEADLINE_S = 120.0  # Ray Train's wait for a drain that names no deadline (DEFAULT_PREEMPTION_DEADLINE_S)
+PREEMPTION_SLACK_S = 30.0  # past the deadline, a group that Ray Train has not restarted trains on
+
+
+def hold_until_restart(deadline: float, rank: int) -> None:
+    """After the notice's checkpoint the workers wait for Ray Train to restart them (at the drain's deadline) rather
+    than train steps that the restart would throw away: the restart resumes at the notice's step, nothing is trained
+    twice. A drain that ends without a restart (cancelled, or the node kept) lets the run train on after the slack."""
+    until = deadline + PREEMPTION_SLACK_S
+    if rank == 0:
+        log.info("train: waiting for the restart at the drain's deadline (%.0f s; training goes on after %.0f s if none comes)",
+                 max(0.0, deadline - time.time()), max(0.0, until - time.time()))
+    while time.time() < until:
+        time.sleep(0.5)
+    if rank == 0:
+        log.warning("train: no restart came %.0f s past the drain's deadline; training goes on", PREEMPTION_SLACK_S)
 
 
 def report(save, state: dict) -> None:

@@ -1,6 +1,7 @@
 """Two runs, one cache (issue 34): two writers that finish the same key at once, and the leases with which the
 second run waits for the first instead of computing the key again. Real files, threads and a real killed process,
-on the local filesystem and on a real S3-protocol server (moto_server, as in test_storage); no Ray. Seconds."""
+on the local filesystem and on a real S3-protocol server (moto_server, as in test_storage); no Ray. Seconds. Last, two
+real `dpo-ray run` processes on one fresh cache (slow: local Ray runtimes, about 2 minutes)."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import S3Server
+from conftest import S3Server, small_config
 from dpo_ray.model import _build_once
 from pipeline.artifacts import DONE, atomic_dir, complete_dir, completed, install, marker_text
 from pipeline.lease import Lease, claim, cache_claim, describe, lease_of, model_claim, owner_gone, owner_record, parse, stale, take
@@ -312,3 +313,73 @@ def test_two_runs_needing_one_demo_model_build_it_once(tmp_path, caplog):
     assert builds == ["run0"] and (out / "config.json").is_file()
     assert sorted(p.name for p in out.parent.iterdir()) == ["demo-tiny-llama-v1"]  # no lease, no .tmp-* left
     assert re.search(r"cache: waited \d+ s for the demo model \(owner ", caplog.text)
+
+
+# ------------------------------------------------------------------ two real runs on one fresh cache
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_fresh_cache_compute_each_part_once(tmp_path, small_pairs):
+    """Two `dpo-ray run` processes a second apart, each with its own output_dir, MLflow store and local Ray runtime,
+    on one fresh cache_dir: the demo model, the prepared data and each reference split are computed by one of them
+    and waited for (or hit) by the other; nothing is computed twice, and both end with the same result."""
+    cache = tmp_path / "cache"  # fresh: the demo model too is built (or waited for) in it
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    procs, logs, started, walls = [], [], [], {}
+    try:
+        for i in range(2):
+            run_dir = tmp_path / f"run{i}"
+            run_dir.mkdir()
+            sets = small_config(run_dir, cache, small_pairs)
+            cmd = [sys.executable, "-m", "pipeline.cli", "run", "configs/demo.yaml"] + [a for s in sets for a in ("--set", s)]
+            logs.append(run_dir / "console.log")
+            with open(logs[-1], "w") as f:  # the child keeps its own descriptor
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
+            started.append(time.monotonic())
+            if i == 0:
+                time.sleep(1.0)
+        while len(walls) < 2 and time.monotonic() - started[0] < 420:
+            for i, proc in enumerate(procs):
+                if i not in walls and proc.poll() is not None:
+                    walls[i] = time.monotonic() - started[i]
+            time.sleep(0.2)
+        assert len(walls) == 2, "a run was still going after 420 s"
+    finally:
+        for proc in procs:  # each CLI and the Ray runtime it started (its own session)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+    text = [p.read_text(errors="replace") for p in logs]
+    for i, proc in enumerate(procs):
+        assert proc.returncode == 0, f"run{i} exited {proc.returncode}:\n{text[i][-4000:]}"
+
+    # each part of the cache computed by exactly one of the two runs
+    scored = [re.findall(r"\((train|eval)\)", m) for t in text for m in re.findall(r"reference: scoring (.*) with ", t)]
+    assert sorted(s for run in scored for s in run) == ["eval", "train"], scored
+    assert sum(t.count("built the demo model and tokenizer in") for t in text) == 1
+    assert sum(t.count("prepare: tokenizing") for t in text) == 1
+    for t in text:  # no run took a live run's lease over, none computed a copy that was then dropped
+        assert "takes the lease over" not in t and "copy is dropped" not in t and "was taken over" not in t
+    waits = [re.findall(r"cache: waited (\d+) s for (.+?) \(owner ", t) for t in text]
+    assert any(waits), "neither run waited for the other"
+    scorer = next(i for i, t in enumerate(text) if "pairs scored in" in t)
+    other = 1 - scorer
+    if "pairs scored in" not in text[other]:  # the usual case: one run scored both splits; the other waited or hit
+        assert waits[other] or "reference: cache hit" in text[other], text[other][-4000:]
+
+    s = [json.loads((tmp_path / f"run{i}" / "out" / "summary.json").read_text()) for i in range(2)]
+    assert s[0]["reference_cache"]["key"] == s[1]["reference_cache"]["key"]
+    assert s[0]["reference_cache"]["path"] == s[1]["reference_cache"]["path"]
+    assert s[0]["data"]["key"] == s[1]["data"]["key"] and s[0]["reference_model_dir"] == s[1]["reference_model_dir"]
+    assert s[scorer]["reference_cache"]["hit"] is False
+    if "pairs scored in" not in text[other]:
+        assert s[other]["reference_cache"]["hit"] is True  # it ran the reference model for none of it
+    # the same held-out result: one model, one data, one reference, the same seed
+    assert s[0]["eval"]["rewards/accuracies"] == s[1]["eval"]["rewards/accuracies"]
+    assert s[0]["eval"]["loss"] == pytest.approx(s[1]["eval"]["loss"], rel=1e-4)
+    assert s[0]["eval_reference"] == s[1]["eval_reference"]
+    # both released their leases, no writer left a .tmp-* copy behind
+    assert not [str(p.relative_to(cache)) for p in cache.rglob("*") if p.name.endswith(".lease") or p.name.startswith(".tmp-")]
+    print(f"two runs on one cache: run0 {walls[0]:.0f} s, run1 {walls[1]:.0f} s (started 1 s later); run{scorer} scored the "
+          f"reference; waits: " + "; ".join(f"run{i} waited {n} s for {what}" for i in range(2) for n, what in waits[i]))

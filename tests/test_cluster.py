@@ -33,6 +33,7 @@ pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).parent / "ray")
 JOB_TIMEOUT = 600
 # a resource naming each node; train workers need a `trainer`, the reference test's scoring actors a `scorer`
+DRAIN_S = 10  # a preempted node's notice: seconds between the SIGTERM and the node's end
 NODES = {"node_a": {"node_a": 1, "trainer": 1, "scorer": 1}, "node_b": {"node_b": 1, "trainer": 1, "scorer": 1}}
 
 
@@ -66,7 +67,8 @@ class LocalCluster:
     Train gives up a try to place its workers after 10 s (default 60 s), so the tests see what users see, sooner."""
 
     FAST_FAILURE = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-                    "RAY_health_check_failure_threshold": "3", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
+                    "RAY_health_check_failure_threshold": "3", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
+                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": str(DRAIN_S)}  # a SIGTERM'd node drains this long, then goes
 
     def __init__(self, head_cpus: int = 2, worker_cpus: int = 1):
         self.temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # unix socket paths must stay short
@@ -119,6 +121,13 @@ class LocalCluster:
             except ProcessLookupError:
                 pass
         proc.wait(timeout=30)
+        return at
+
+    def preempt_node(self, name: str) -> float:
+        """SIGTERM a worker node's `ray start` (what a spot node's shutdown or a pod deletion sends): Ray drains the
+        node for RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S, then stops it for good. Returns the time."""
+        at = time.time()
+        os.kill(self.nodes[name].pid, signal.SIGTERM)  # the process, not its group: the group would skip the drain
         return at
 
     def _start(self, name: str, env: dict, args: list[str]) -> subprocess.Popen:
@@ -310,6 +319,19 @@ def past_a_checkpoint_at_two(sizes: dict[int, tuple[float, int]], registered: in
     return sizes[last][0] == 2.0 and registered is not None and registered >= checkpoint and last >= checkpoint + 2
 
 
+def wait_past_a_checkpoint_at_two(cluster, client, s3, sid: str, timeout: float = 300):
+    """(the job's MLflow run, the deadline) once it is past a checkpoint taken and registered with two workers."""
+    deadline, run, sizes = time.time() + timeout, None, {}
+    while time.time() < deadline:
+        run = run or run_named(client, sid)
+        sizes = history(client, run.info.run_id, "train/world_size") if run else {}
+        if sizes and past_a_checkpoint_at_two(sizes, registered_step(s3, sid)):
+            return run, deadline
+        assert job_status(cluster, sid) != "FAILED", explain(cluster, sid)
+        time.sleep(0.5)
+    raise TimeoutError(f"the run did not pass a checkpoint with two workers in {timeout:.0f} s: {sizes}")
+
+
 def registered_step(s3, sid: str) -> int | None:
     """The step of the latest checkpoint Ray Train's controller has registered: its checkpoint manager's snapshot
     in the run's storage (what a restart resumes from)."""
@@ -381,16 +403,7 @@ def test_elastic_run_survives_a_lost_node_and_grows_back(cluster, services, full
                  stage="train")  # what a lost node changes: training (the evaluation is the uninterrupted run's)
     assert sub.returncode == 0, sub.stderr[-3000:]
     try:
-        deadline, run = time.time() + 300, None
-        while time.time() < deadline:  # past a checkpoint taken with two workers
-            run = run or run_named(client, sid)
-            sizes = history(client, run.info.run_id, "train/world_size") if run else {}
-            if sizes and past_a_checkpoint_at_two(sizes, registered_step(s3, sid)):
-                break
-            assert job_status(cluster, sid) != "FAILED", explain(cluster, sid)
-            time.sleep(0.5)
-        else:
-            raise TimeoutError(f"the elastic run did not pass a checkpoint with two workers in 300 s: {sizes}")
+        run, deadline = wait_past_a_checkpoint_at_two(cluster, client, s3, sid)
         before = history(client, run.info.run_id, "train/world_size")
         killed = cluster.kill_node("node_a")
         dead = cluster.wait_for_nodes(2, timeout=120, poll=0.5)
@@ -543,6 +556,51 @@ def test_cli_beside_a_cluster_runs_locally_and_a_driver_without_token_mode_is_to
                              cwd=ROOT, timeout=300)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "Traceback" not in refused.stderr and "RAY_AUTH_MODE=token" in refused.stderr.splitlines()[-1], refused.stderr[-3000:]
+
+
+def test_preempted_node_that_never_returns(cluster, services, full_run, tmp_path, small_pairs, demo_model):
+    """A spot node's notice: node_a's `ray start` gets SIGTERM (Ray drains it for DRAIN_S, then it is gone for good).
+    The workers checkpoint at the first step after the notice; at the drain's end Ray Train restarts them on what is
+    left from that step (nothing trained twice), without using train.max_failures (0 here); the job then evaluates on
+    the two nodes left and SUCCEEDS, the world size 2 -> 1 in MLflow. Runs last: node_a does not come back."""
+    from mlflow.tracking import MlflowClient
+
+    s3, mlflow_server = services
+    client = MlflowClient(mlflow_server.uri)
+    (tmp_path / "out" / "models").mkdir(parents=True)
+    os.symlink(demo_model, tmp_path / "out" / "models" / Path(demo_model).name)
+    sid = f"dpo-ray-preempt-{uuid.uuid4().hex[:8]}"
+    sets = elastic_sets(tmp_path, s3, mlflow_server.uri, small_pairs, sid, **{"train.max_failures": "0"})
+    # steps of ~0.85 s: the run outlasts the notice (a run that ends before the node does ends as any other)
+    sub = submit(cluster, sid, sets, {**s3.env, "DPO_RAY_STEP_DELAY_S": "0.8"}, wait=False)
+    assert sub.returncode == 0, sub.stderr[-3000:]
+    try:
+        run, _ = wait_past_a_checkpoint_at_two(cluster, client, s3, sid)  # the notice then arrives mid-interval
+        noticed = cluster.preempt_node("node_a")
+        cluster.nodes.pop("node_a").wait(timeout=DRAIN_S + 60)  # the node drains, then stops for good
+        gone = time.time()
+        status = wait_job(cluster, sid)
+        logs = job_logs(cluster, sid)
+        assert status == "SUCCEEDED", explain(cluster, sid)
+    except BaseException:
+        print(explain(cluster, sid))
+        raise
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["train"]["steps"] == STEPS and "eval" in summary, summary  # evaluate ran on what was left
+    tags = client.get_run(run.info.run_id).data.tags
+    saved = sorted(int(k.split("_")[-1]) for k in tags if k.startswith("preempted.step_"))
+    resumed = sorted(int(k.split("_")[-1]) for k in tags if k.startswith("restart.step_"))
+    assert len(saved) == 1 and saved[0] in resumed, (tags, logs[-5000:])  # restarted from the notice's own checkpoint
+    sizes = history(client, run.info.run_id, "train/world_size")
+    order = [v for _, (v, _) in sorted(sizes.items())]
+    assert sorted(sizes) == list(range(1, STEPS + 1)) and order[saved[0] - 1] == 2.0 and set(order[saved[0]:]) == {1.0}, order
+    steps = history(client, run.info.run_id, "train/loss")
+    notice_step = min(step for step, (_, ts) in steps.items() if ts / 1000 > noticed)
+    first_after = min(ts for step, (_, ts) in sizes.items() if step > saved[0]) / 1000
+    cost = {"notice_to_checkpoint_steps": saved[0] - notice_step + 1, "steps_redone": 0, "drain_s": round(gone - noticed, 1),
+            "notice_to_resumed_s": round(first_after - noticed, 1), "max_failures": 0}
+    print(f"preemption cost: {json.dumps(cost)}")
+    (Path(os.environ.get("DPO_RAY_RESULTS", tmp_path)) / "preemption.json").write_text(json.dumps(cost) + "\n")
 
 
 def test_cluster_stops_without_leftovers(cluster):
