@@ -345,6 +345,7 @@ def train_loop_per_worker(config: dict) -> None:
         # first step after a drain notice (a spot node's preemption), so that the restart loses no step
         noticed = preemption_notice(notices, rank, step + 1, tracker)
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == total_steps or noticed is not None:
+            tracker.flush()  # the steps up to a checkpoint are in MLflow before it: a restart resumes after them
             save = lambda d, st: checkpoint.save(d, policy, model, optimizer, st, rank, fsdp, lora, final=step + 1 == total_steps)  # noqa: E731
             report(save, {"step": step + 1, "loss_first": loss_first, "loss_last": m["loss"], "tokens_per_second": m["tokens_per_second"],
                           "total_steps": total_steps, "host_memory_peak_mb": m["host_memory_peak_mb"],

@@ -44,9 +44,15 @@ REPORT = 30.0  # seconds between a waiting run's log lines
 _run: dict = {"label": None}
 
 
-def name_run(label: str | None) -> None:
-    """What this process's leases call its run (its output_dir), for the runs that wait for it."""
-    _run["label"] = label
+@contextmanager
+def naming_run(label: str | None):
+    """What this process's leases call its run (its output_dir) while the block runs, for the runs that wait for it;
+    the label before it is restored after (a second run in the same process is not named for the first)."""
+    before, _run["label"] = _run["label"], label
+    try:
+        yield
+    finally:
+        _run["label"] = before
 
 
 def lease_of(loc: Location) -> Location:

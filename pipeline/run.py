@@ -25,7 +25,7 @@ from dpo_ray.tracking import check_reachable, dataset_input, ensure_experiment, 
 from . import evaluate, generate, placement, prepare, reference, register, train
 from .placement import ResourceError
 from .artifacts import atomic_dir, exclusive, resolve_data_files, write_json_atomic
-from .lease import model_claim, name_run
+from .lease import model_claim, naming_run
 from .storage import StorageError, model_root, open_location, redact
 
 log = logging.getLogger("dpo_ray")
@@ -472,8 +472,7 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, address: str | None = Non
     """
     out_dir = Path(cfg.output_dir).resolve()
     check_output_dir(out_dir)
-    with exclusive(out_dir):
-        name_run(str(out_dir))  # how this run's cache leases name it to the runs that wait for it
+    with exclusive(out_dir), naming_run(str(out_dir)):  # how this run's cache leases name it to waiting runs
         return _run(cfg, stages, address, retrain)
 
 

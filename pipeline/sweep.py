@@ -26,7 +26,7 @@ from dpo_ray.tracking import ensure_experiment
 from . import evaluate, prepare, reference
 from .console import status_counts
 from .artifacts import exclusive, fingerprint, write_json_atomic
-from .lease import name_run
+from .lease import naming_run
 from .storage import open_location
 from .run import (DATA_HEADROOM_CPUS, Inputs, SetupError, check_memory, check_output_dir, evaluate_and_log, fail_run, finish_run,
                   log_model, open_run, plan_resources, plot_curves, preflight, register_model, replace_dir, setup_logging,
@@ -231,8 +231,7 @@ def sweep(cfg: Config, address: str | None = None) -> dict:
     """Runs the sweep in cfg.sweep; returns its summary (also <output_dir>/sweep_summary.json)."""
     out_dir = Path(cfg.output_dir).resolve()
     check_output_dir(out_dir)
-    with exclusive(out_dir):
-        name_run(str(out_dir))  # how this sweep's cache leases name it to the runs that wait for it
+    with exclusive(out_dir), naming_run(str(out_dir)):  # how this sweep's cache leases name it to waiting runs
         return _sweep(cfg, out_dir, address)
 
 

@@ -208,7 +208,9 @@ def test_damaged_reference_cache_is_named_and_recomputed(cli_run, ray_local, cap
     assert f"cache: {victim} is damaged (" in caplog.text and "that part of the cache is recomputed" in caplog.text
     assert again["data"]["hit"] and not again["reference_cache"]["hit"] and again["reference_cache"]["path"] == first["reference_cache"]["path"]
     got = pq.read_table(split).sort_by("row_id")
-    assert got["row_id"].equals(want["row_id"]) and got["ref_chosen_logps"].to_numpy() == pytest.approx(want["ref_chosen_logps"].to_numpy(), abs=1e-4)
+    # the same fp32 sums, up to the shapes of the packed forwards: the recomputed split's Ray Data blocks (and so each
+    # pair's batch-mates) need not be the first pass's, and CPU GEMMs round by shape (CI saw 2.4e-5 relative on 4 of 213)
+    assert got["row_id"].equals(want["row_id"]) and got["ref_chosen_logps"].to_numpy() == pytest.approx(want["ref_chosen_logps"].to_numpy(), rel=1e-4)
 
     victim = sorted(split.glob("*.parquet"))[0]
     victim.unlink()
