@@ -83,13 +83,13 @@ def train(spec: dict) -> dict:
     from mlflow.tracking import MlflowClient
 
     import pipeline.run as pr
-    from pipeline import reference
+    import pipeline.sequence as seq
 
     work = Path(tempfile.mkdtemp(prefix="dpo-ray-bench-"))
     cfg = _config(spec, work)
     ray.init(num_cpus=spec["threads"], num_gpus=1 if spec.get("device") == "cuda" else 0, include_dashboard=False, log_to_driver=False)
     times: dict = {}
-    pr.reference.run = _timed(reference.run, times, "reference")  # time the stage's own call, nothing else
+    seq.score_reference = _timed(seq.score_reference, times, "reference")  # time the stage's own call, nothing else
     rss = WorkerPeakRss()
     rss.start()
     summary = pr.run(cfg, stages=("prepare", "reference", "train"))
@@ -144,12 +144,13 @@ def prep(spec: dict) -> dict:
     import ray
 
     from pipeline import prepare
+    from pipeline.context import Context
 
     cfg = _config(spec, work)
     ray.init(num_cpus=spec["cpus"], include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     t0 = time.perf_counter()
-    prepared = prepare.run(cfg, spec["tokenizer_dir"], rejects_copy=work / "rejects.jsonl")
+    prepared = prepare.prepare_pairs(cfg, Context.for_models(cfg, spec["tokenizer_dir"], rejects_file=work / "rejects.jsonl"))
     seconds = time.perf_counter() - t0
     ray.shutdown()
     return {"name": f"dpo-ray prepare (Ray Data, {spec['cpus']} CPU)", "rows": n_lines, "rows_ok": prepared.stats["rows_used"],

@@ -87,7 +87,8 @@ def precision_of(cfg) -> dict:
 def main(argv=None) -> int:
     from dpo_ray.config import load_config
     from dpo_ray.losses import LOSS_TYPES
-    from pipeline.run import run, setup_logging
+    from pipeline.run import run
+    from pipeline.runtime import setup_logging
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--types", default=",".join(LOSS_TYPES + ("cdpo",)), help="comma-separated loss types (cdpo = sigmoid + label_smoothing 0.1)")

@@ -1,8 +1,8 @@
-"""The prepare stage's driver memory against the size of the preference set: prepare.run on N and 10 x N generated
+"""The prepare stage's driver memory against the size of the preference set: prepare_pairs on N and 10 x N generated
 pairs (the long-tailed `skewed` set of common.py, short lengths, 1% exact duplicates), each size in a fresh process.
 
 Measured: the driver's resident memory after Ray has started and the tokenizer is loaded (the baseline), and its peak
-(VmHWM, reset at the baseline through /proc/self/clear_refs) during prepare.run; what grows with the data is the
+(VmHWM, reset at the baseline through /proc/self/clear_refs) during prepare.prepare_pairs; what grows with the data is the
 difference. `--tree` runs another checkout's code (e.g. a git worktree of an older commit) for a before/after.
 
 python benchmarks/prepare_memory.py --pairs 20000 --scales 1 10 [--tree /path/to/checkout]
@@ -29,11 +29,12 @@ def _status_mb(field: str) -> float:
 
 
 def child(spec: dict) -> dict:
-    """In a fresh process (PYTHONPATH = the tree measured): prepare.run once, the driver's memory around it."""
+    """In a fresh process (PYTHONPATH = the tree measured): prepare.prepare_pairs once, the driver's memory around it."""
     import ray
 
     from dpo_ray.config import load_config
     from pipeline import prepare
+    from pipeline.context import Context
 
     work = Path(spec["work"])
     cfg = load_config(None, [f"{k}={v}" for k, v in {
@@ -46,7 +47,7 @@ def child(spec: dict) -> dict:
     base = _status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     t0 = time.perf_counter()
-    prepared = prepare.run(cfg, spec["model"], rejects_copy=work / "rejects.jsonl")
+    prepared = prepare.prepare_pairs(cfg, Context.for_models(cfg, spec["model"], rejects_file=work / "rejects.jsonl"))
     seconds = time.perf_counter() - t0
     peak = _status_mb("VmHWM")
     ray.shutdown()

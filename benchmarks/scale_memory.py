@@ -1,5 +1,5 @@
 """A train worker's peak host memory against the size of the preference set: the same short training on N and 10 x N
-generated pairs, through the real train path (pipeline.train.run: Ray Train, the worker loop, the cached Parquet).
+generated pairs, through the real train path (pipeline.train.fit: Ray Train, the worker loop, the cached Parquet).
 
 The pairs are written directly as a reference cache part (as the reference stage writes it: row groups of 64 rows,
 a pair_tokens column, a marker with its manifest), since scoring 10 x N pairs on 2 CPUs would take an hour; what is
@@ -91,9 +91,10 @@ def _train_workers() -> list[int]:
     return [p.pid for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
 
 
-def measure(n_pairs: int, work: Path, model: str, pad_id: int, steps: int) -> dict:
+def measure(n_pairs: int, work: Path, model: str, steps: int) -> dict:
     from dpo_ray.config import load_config
     from pipeline import train
+    from pipeline.context import Context
     from pipeline.reference import Reference
     from pipeline.storage import local
 
@@ -121,7 +122,7 @@ def measure(n_pairs: int, work: Path, model: str, pad_id: int, steps: int) -> di
     watcher = threading.Thread(target=poll, daemon=True)
     watcher.start()
     t1 = time.time()
-    result = train.run(cfg, ref, model, pad_id, False, 1.0, None, None)
+    result = train.fit(cfg, Context.for_models(cfg, model), ref)  # the pad id: the model's tokenizer's
     done.set()
     watcher.join()
     m = result.metrics or {}
@@ -142,18 +143,17 @@ def main() -> None:
 
     import ray
 
-    from dpo_ray.model import load_tokenizer, resolve_model
+    from dpo_ray.model import resolve_model
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     work = Path(args.work or tempfile.mkdtemp(prefix="dpo-scale-"))
     model = resolve_model("demo:tiny-llama", work / "models")
-    pad_id = load_tokenizer(model).pad_token_id
     extra = {"object_store_memory": args.object_store_mb * 2**20} if args.object_store_mb else {}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, **extra)
     rows = []
     try:
         for scale in args.scales:
-            rows.append(measure(args.pairs * scale, work, model, pad_id, args.steps))
+            rows.append(measure(args.pairs * scale, work, model, args.steps))
             print(json.dumps(rows[-1]), flush=True)
     finally:
         ray.shutdown()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import difflib
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -15,8 +16,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import UserError
+from .loss_names import F_DIVERGENCES, LOSS_TYPES
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user mistake in a config file or a --set override."""
 
 
@@ -106,8 +110,8 @@ class ReferenceConfig(_Strict):
         "discarded; the cache ends as an uninterrupted pass would write it)"))
 
 
-LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-                   "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo", "orpo"]  # = dpo_ray.losses.LOSS_TYPES
+LossType = Literal[LOSS_TYPES]  # the names of dpo_ray/loss_names.py's table, in its order (torch-free)
+FDivergenceType = Literal[F_DIVERGENCES]
 
 
 class LoraConfig(_Strict):
@@ -150,7 +154,7 @@ class TrainConfig(_Strict):
         "epsilon of cDPO (sigmoid), robust, exo_pair (needs > 0), aot, aot_unpaired and simpo"))
     simpo_gamma: float = Field(0.5, description="SimPO target margin (gamma / beta), only for loss_type simpo")
     discopop_tau: float = Field(0.05, gt=0, description="DiscoPOP temperature, only for loss_type discopop")
-    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = Field("reverse_kl", description=(
+    f_divergence_type: FDivergenceType = Field("reverse_kl", description=(
         "f-DPO divergence between policy and reference: reverse_kl is DPO; the others only with sigmoid, sigmoid_norm, hinge, "
         "ipo, exo_pair, robust, discopop, sft"))
     f_alpha_divergence_coef: float = Field(0.5, description="alpha of f_divergence_type alpha_divergence")
@@ -206,6 +210,10 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between Ray Train checkpoints")
     log_every: int = Field(10, ge=1, description="optimizer steps between progress lines (loss, rewards, tokens/s, ETA)")
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the last checkpoint when a worker dies")
+    preemption_lead_s: float = Field(5.0, ge=0, description=(
+        "after a node's drain notice (a preemption) the workers checkpoint at the next step and Ray Train restarts them "
+        "this many seconds before the drain's deadline, so the restart comes before the node's end: a node that ends "
+        "first (a SIGTERM'd node is not marked preempted by Ray) would count against max_failures"))
     placement_timeout_s: float | None = Field(600, gt=0, description=(
         "how long training waits for its workers to be placed (at the start, and after a lost node) before it stops "
         "with a message naming the missing resources; None: wait for ever"))
@@ -452,18 +460,34 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(raw).__name__}")
     for item in overrides:
         parts, value = _parse_override(item)
-        node = raw
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {part} is not a section")
-            node = child
-        node[parts[-1]] = value
+        set_key(raw, parts, value, f"--set {item!r}")
+    return validated(raw, source + (" with --set " + " ".join(overrides) if overrides else ""))
+
+
+def set_key(raw: dict, parts: list[str], value: Any, where: str) -> None:
+    """raw[a][b][c] = value for parts [a, b, c], making the sections on the way."""
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def validated(raw: dict, where: str) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        where = source + (" with --set " + " ".join(overrides) if overrides else "")
         raise ConfigError(_explain(e, where)) from None
+
+
+def with_overrides(cfg: Config | dict, overrides: dict[str, Any], where: str = "sweep") -> Config:
+    """A config (or its model_dump) with {dotted.key: value} overrides, validated: a sweep's group or trial."""
+    raw = json.loads(json.dumps(cfg.model_dump() if isinstance(cfg, Config) else cfg))
+    for key, value in overrides.items():
+        set_key(raw, key.split("."), value, f"{where}: {key}")
+    return validated(raw, where)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -14,8 +14,10 @@ import os
 import sys
 import traceback
 
+from .errors import UserError
 
-class JudgeError(RuntimeError):
+
+class JudgeError(UserError, RuntimeError):
     """A judge that cannot be loaded, or that failed on too many prompts."""
 
 

@@ -10,22 +10,21 @@ NLL, reference-free; trl/experimental/orpo). All of them read only per-sequence 
 batch: the step loss is sum_k weight_k * mean(term_k). For all but the *batch-coupled* terms (`aot` and
 `aot_unpaired` sort within the batch) a pair's term depends on that pair alone (sft's per-token mean through the
 batch's token count, a constant), so micro-batches may be summed; the coupled ones must see the whole batch at once.
+
+The names and their properties are dpo_ray/loss_names.py's table (torch-free: the config's allowed values and
+docs/losses.md's table are made from it too); each name's term is a small function registered here with `@term(name)`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-                  "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-LOSS_TYPES = TRL_LOSS_TYPES + ("simpo", "orpo")  # dpo-ray's own: TRL's DPOTrainer has neither
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})  # TRL's rule
-SORTED_LOSSES = frozenset({"aot", "aot_unpaired"})
-REFERENCE_FREE = frozenset({"simpo", "orpo", "sft"})  # read no reference log-probs
+from .loss_names import (F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, LOSSES, MEAN_LOGP_REWARDS, REFERENCE_FREE,  # noqa: F401
+                         SORTED_LOSSES, TRL_LOSS_TYPES)
 
 
 @dataclass(frozen=True)
@@ -96,25 +95,195 @@ def ld_logps(total: torch.Tensor, shared: torch.Tensor | None, alpha: float | No
     return shared + alpha * (total - shared)
 
 
+def _registry(names: tuple[str, ...], what: str):
+    """An empty name -> function table and its decorator `@register(name)`, which takes only the given names, once."""
+    table: dict[str, Callable] = {}
+
+    def register(name: str):
+        def add(fn):
+            if name not in names or name in table:
+                raise ValueError(f"{what} {name!r}: not one of {list(names)}, or registered twice")
+            table[name] = fn
+            return fn
+        return add
+    return table, register
+
+
+F_PRIMES, f_divergence = _registry(F_DIVERGENCES, "f_divergence_type")  # name -> f'(pi/ref) of the log-ratio x, given alpha
+TERMS, term = _registry(LOSS_TYPES, "loss_type")  # name -> its term per pair, from (PairSums, LossSpec)
+
+
+@f_divergence("reverse_kl")
+def _reverse_kl(x, alpha):
+    return x
+
+
+@f_divergence("forward_kl")
+def _forward_kl(x, alpha):  # f'(t) = 1 - 1/t
+    return 1 - torch.exp(-x)
+
+
+@f_divergence("js_divergence")
+def _js_divergence(x, alpha):  # f'(t) = log(2t/(t+1)) = log 2 + logsigmoid(log t)
+    return math.log(2) + F.logsigmoid(x)
+
+
+@f_divergence("alpha_divergence")
+def _alpha_divergence(x, alpha):  # f'(t) = (t^(a-1) - 1)/(a-1)
+    if abs(alpha - 1.0) < 1e-6:
+        return x
+    t = (alpha - 1.0) * x
+    clamp = {torch.float16: 11.0}.get(t.dtype, 80.0)
+    return (torch.exp(torch.clamp(t.float(), max=clamp)) - 1.0).to(t.dtype) / (alpha - 1.0)
+
+
 def f_scores(logratios: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
     """f-DPO (https://arxiv.org/abs/2309.16240): f'(pi/ref) in place of the log-ratio, as TRL 1.16 computes it (clamps included)."""
-    if kind == "reverse_kl":
-        return logratios
-    if kind == "forward_kl":  # f'(t) = 1 - 1/t
-        return 1 - torch.exp(-logratios)
-    if kind == "js_divergence":  # f'(t) = log(2t/(t+1)) = log 2 + logsigmoid(log t)
-        return math.log(2) + F.logsigmoid(logratios)
-    if kind == "alpha_divergence":  # f'(t) = (t^(a-1) - 1)/(a-1)
-        if abs(alpha - 1.0) < 1e-6:
-            return logratios
-        t = (alpha - 1.0) * logratios
-        clamp = {torch.float16: 11.0}.get(t.dtype, 80.0)
-        return (torch.exp(torch.clamp(t.float(), max=clamp)) - 1.0).to(t.dtype) / (alpha - 1.0)
-    raise ValueError(f"unknown f_divergence_type {kind!r}")
+    if kind not in F_PRIMES:
+        raise ValueError(f"unknown f_divergence_type {kind!r}")
+    return F_PRIMES[kind](logratios, alpha)
 
 
 def _smoothed(z: torch.Tensor, eps: float) -> torch.Tensor:
     return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
+@dataclass(frozen=True)
+class PairSums:
+    """What a term reads, per pair (B,). pc, pr the policy's reply log-probs, rc, rr the reference's (None, and so the
+    log-ratios cl = pc - rc, rl = pr - rr, their f-scores cs, rs and d = cs - rs, for a loss of reference-free terms only);
+    lc, lr the reply token counts (pc's dtype, at least 1); nll the chosen sums without LD-DPO; tpp the chosen tokens per pair."""
+
+    pc: torch.Tensor
+    pr: torch.Tensor
+    rc: torch.Tensor | None
+    rr: torch.Tensor | None
+    cl: torch.Tensor | None
+    rl: torch.Tensor | None
+    cs: torch.Tensor | None
+    rs: torch.Tensor | None
+    d: torch.Tensor | None
+    lc: torch.Tensor
+    lr: torch.Tensor
+    nll: torch.Tensor
+    tpp: torch.Tensor | float
+
+
+@term("sigmoid")
+def _sigmoid(x: PairSums, s: LossSpec) -> torch.Tensor:
+    """DPO; label_smoothing > 0: cDPO (TRL 1.x's sigmoid has no eps)."""
+    return _smoothed(s.beta * x.d, s.label_smoothing)
+
+
+@term("hinge")
+def _hinge(x: PairSums, s: LossSpec) -> torch.Tensor:
+    return torch.relu(1 - s.beta * x.d)
+
+
+@term("ipo")
+def _ipo(x: PairSums, s: LossSpec) -> torch.Tensor:
+    """On per-token averaged scores, as in TRL."""
+    return (x.cs / x.lc - x.rs / x.lr - 1 / (2 * s.beta)) ** 2
+
+
+@term("exo_pair")
+def _exo_pair(x: PairSums, s: LossSpec) -> torch.Tensor:
+    """EXO's eq. 16: KL(model || labels) over {chosen wins, rejected wins}, the model's odds sigmoid(beta d), the labels eps-smoothed."""
+    b, d, eps = s.beta, x.d, s.label_smoothing
+    return (torch.sigmoid(b * d) * (F.logsigmoid(b * d) - math.log1p(-eps))
+            + torch.sigmoid(-b * d) * (F.logsigmoid(-b * d) - math.log(eps)))
+
+
+@term("nca_pair")
+def _nca_pair(x: PairSums, s: LossSpec) -> torch.Tensor:
+    b = s.beta
+    return -F.logsigmoid(b * x.cl) - 0.5 * F.logsigmoid(-b * x.cl) - 0.5 * F.logsigmoid(-b * x.rl)
+
+
+@term("robust")
+def _robust(x: PairSums, s: LossSpec) -> torch.Tensor:
+    """Unbiased under labels flipped with probability eps (no lower bound)."""
+    b, eps = s.beta, s.label_smoothing
+    return (-(1 - eps) * F.logsigmoid(b * x.d) + eps * F.logsigmoid(-b * x.d)) / (1 - 2 * eps)
+
+
+@term("bco_pair")
+def _bco_pair(x: PairSums, s: LossSpec) -> torch.Tensor:
+    """BCO's paired form, without the running delta (as TRL)."""
+    return -F.logsigmoid(s.beta * x.cl) - F.logsigmoid(-s.beta * x.rl)
+
+
+@term("sppo_hard")
+def _sppo_hard(x: PairSums, s: LossSpec) -> torch.Tensor:
+    """SPPO with hard win probabilities: the log-ratios regressed to +-1/(2 beta)."""
+    return (x.cl - 0.5 / s.beta) ** 2 + (x.rl + 0.5 / s.beta) ** 2
+
+
+@term("aot")
+def _aot(x: PairSums, s: LossSpec) -> torch.Tensor:
+    """The policy's sorted margins against the reference's, matched by rank within the batch."""
+    delta = torch.sort(x.pc - x.pr, dim=0)[0] - torch.sort(x.rc - x.rr, dim=0)[0]
+    return _smoothed(s.beta * delta, s.label_smoothing)
+
+
+@term("aot_unpaired")
+def _aot_unpaired(x: PairSums, s: LossSpec) -> torch.Tensor:
+    """The chosen log-ratios, sorted, against the rejected ones, sorted: no pairing needed."""
+    delta = torch.sort(x.cl, dim=0)[0] - torch.sort(x.rl, dim=0)[0]
+    return _smoothed(s.beta * delta, s.label_smoothing)
+
+
+@term("apo_zero")
+def _apo_zero(x: PairSums, s: LossSpec) -> torch.Tensor:
+    """APO's eq. 7: chosen up, rejected down."""
+    return 1 - torch.sigmoid(s.beta * x.cl) + torch.sigmoid(s.beta * x.rl)
+
+
+@term("apo_down")
+def _apo_down(x: PairSums, s: LossSpec) -> torch.Tensor:
+    """APO's eq. 8: chosen down, rejected further down."""
+    return torch.sigmoid(s.beta * x.cl) + 1 - torch.sigmoid(s.beta * (x.cl - x.rl))
+
+
+@term("discopop")
+def _discopop(x: PairSums, s: LossSpec) -> torch.Tensor:
+    """DiscoPOP's eq. 5: logistic and exponential losses mixed by sigmoid(z / tau)."""
+    z = s.beta * x.d
+    mix = torch.sigmoid(z / s.discopop_tau)
+    return -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
+
+
+@term("sft")
+def _sft(x: PairSums, s: LossSpec) -> torch.Tensor:
+    """NLL of the chosen replies per chosen token of the batch (RPO's term: nll_weight)."""
+    # under WPO each pair's NLL gets its weight (TRL 1.16 raises there: an in-place multiply of an expanded tensor)
+    return -x.nll / x.tpp
+
+
+@term("sigmoid_norm")
+def _sigmoid_norm(x: PairSums, s: LossSpec) -> torch.Tensor:
+    """sigmoid on per-token averaged scores."""
+    return -F.logsigmoid(s.beta * (x.cs / x.lc - x.rs / x.lr))
+
+
+@term("simpo")
+def _simpo(x: PairSums, s: LossSpec) -> torch.Tensor:
+    """Reference-free, on mean log-probs; simpo_gamma is the target margin / beta."""
+    z = s.beta * (x.pc / x.lc - x.pr / x.lr) - s.beta * s.simpo_gamma
+    return _smoothed(z, s.label_smoothing)
+
+
+@term("orpo")
+def _orpo(x: PairSums, s: LossSpec) -> torch.Tensor:
+    """NLL(chosen) - beta log sigmoid(log odds ratio), the odds of the replies' mean log-probs."""
+    ac, ar = x.pc / x.lc, x.pr / x.lr
+    log_odds = (ac - ar) - (log1mexp(ac) - log1mexp(ar))  # log(p/(1-p)) with p = exp(mean log-prob)
+    return -s.beta * F.logsigmoid(log_odds) - x.nll / x.tpp
+
+
+for _table, _names in ((TERMS, LOSS_TYPES), (F_PRIMES, F_DIVERGENCES)):
+    if set(_table) != set(_names):  # a name of dpo_ray/loss_names.py without its function here
+        raise ImportError(f"dpo_ray.losses: no function registered for {sorted(set(_names) - set(_table))}")
 
 
 def loss_terms(spec: LossSpec, pc, pr, rc, rr, lc, lr, *, nll_chosen=None, tokens_per_pair=None, wc=None, wr=None):
@@ -127,67 +296,27 @@ def loss_terms(spec: LossSpec, pc, pr, rc, rr, lc, lr, *, nll_chosen=None, token
     Each term's mean over the batch equals TRL's value of it; rewards are beta * (policy - reference) as TRL logs them
     (beta x mean log-prob for a loss of reference-free terms only: simpo, orpo).
     """
-    b, eps = spec.beta, spec.label_smoothing
+    b = spec.beta
     nll_chosen = pc if nll_chosen is None else nll_chosen
     tokens_per_pair = lc.to(pc.dtype).mean() if tokens_per_pair is None else tokens_per_pair
     lcf, lrf = lc.to(pc.dtype).clamp(min=1), lr.to(pc.dtype).clamp(min=1)
+    cl = rl = cs = rs = d = None
     if rc is not None:
         cl, rl = pc - rc, pr - rr  # chosen and rejected log-ratios
         cs, rs = f_scores(cl, spec.f_divergence_type, spec.f_alpha_divergence_coef), f_scores(rl, spec.f_divergence_type, spec.f_alpha_divergence_coef)
         d = cs - rs
     elif set(spec.types) - REFERENCE_FREE:
         raise ValueError(f"loss {spec.name} needs the reference log-probs")
+    x = PairSums(pc, pr, rc, rr, cl, rl, cs, rs, d, lcf, lrf, nll_chosen, tokens_per_pair)
     terms = {}
     for kind in spec.types:
-        if kind == "sigmoid":  # DPO (https://arxiv.org/abs/2305.18290); eps > 0: cDPO (TRL 1.x has no eps here)
-            x = _smoothed(b * d, eps)
-        elif kind == "hinge":  # SLiC (https://arxiv.org/abs/2305.10425)
-            x = torch.relu(1 - b * d)
-        elif kind == "ipo":  # IPO (https://arxiv.org/abs/2310.12036), per-token averaged scores as in TRL
-            x = (cs / lcf - rs / lrf - 1 / (2 * b)) ** 2
-        elif kind == "exo_pair":  # EXO (https://arxiv.org/abs/2402.00856), eq. 16
-            x = (torch.sigmoid(b * d) * (F.logsigmoid(b * d) - math.log1p(-eps))
-                 + torch.sigmoid(-b * d) * (F.logsigmoid(-b * d) - math.log(eps)))
-        elif kind == "nca_pair":  # NCA (https://arxiv.org/abs/2402.05369)
-            x = -F.logsigmoid(b * cl) - 0.5 * F.logsigmoid(-b * cl) - 0.5 * F.logsigmoid(-b * rl)
-        elif kind == "robust":  # robust DPO (https://arxiv.org/abs/2403.00409)
-            x = (-(1 - eps) * F.logsigmoid(b * d) + eps * F.logsigmoid(-b * d)) / (1 - 2 * eps)
-        elif kind == "bco_pair":  # BCO, paired (https://arxiv.org/abs/2404.04656), without the running delta
-            x = -F.logsigmoid(b * cl) - F.logsigmoid(-b * rl)
-        elif kind == "sppo_hard":  # SPPO with hard probabilities (https://arxiv.org/abs/2405.00675)
-            x = (cl - 0.5 / b) ** 2 + (rl + 0.5 / b) ** 2
-        elif kind == "aot":  # AOT (https://arxiv.org/abs/2406.05882): sorted within the batch
-            delta = torch.sort(pc - pr, dim=0)[0] - torch.sort(rc - rr, dim=0)[0]
-            x = _smoothed(b * delta, eps)
-        elif kind == "aot_unpaired":
-            delta = torch.sort(cl, dim=0)[0] - torch.sort(rl, dim=0)[0]
-            x = _smoothed(b * delta, eps)
-        elif kind == "apo_zero":  # APO (https://arxiv.org/abs/2408.06266), eq. 7
-            x = 1 - torch.sigmoid(b * cl) + torch.sigmoid(b * rl)
-        elif kind == "apo_down":  # eq. 8
-            x = torch.sigmoid(b * cl) + 1 - torch.sigmoid(b * (cl - rl))
-        elif kind == "discopop":  # DiscoPOP (https://arxiv.org/abs/2406.08414), eq. 5
-            z = b * d
-            mix = torch.sigmoid(z / spec.discopop_tau)
-            x = -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
-        elif kind == "sft":  # NLL of the chosen replies per chosen token of the batch (RPO's term: nll_weight). Under WPO
-            # each pair's NLL gets its weight (TRL 1.16 raises there: an in-place multiply of an expanded tensor)
-            x = -nll_chosen / tokens_per_pair
-        elif kind == "sigmoid_norm":  # sigmoid on per-token averaged scores
-            x = -F.logsigmoid(b * (cs / lcf - rs / lrf))
-        elif kind == "simpo":  # SimPO (https://arxiv.org/abs/2405.14734), reference-free; gamma is the margin / beta
-            z = b * (pc / lcf - pr / lrf) - b * spec.simpo_gamma
-            x = _smoothed(z, eps)
-        elif kind == "orpo":  # ORPO (https://arxiv.org/abs/2403.07691): NLL(chosen) - beta log sig(log odds of mean log-probs)
-            ac, ar = pc / lcf, pr / lrf
-            log_odds = (ac - ar) - (log1mexp(ac) - log1mexp(ar))
-            x = -b * F.logsigmoid(log_odds) - nll_chosen / tokens_per_pair
-        else:
+        if kind not in TERMS:
             raise ValueError(f"unknown loss_type {kind!r}")
+        t = TERMS[kind](x, spec)
         if spec.use_weighting:  # WPO (https://arxiv.org/abs/2406.11827), eq. 2
-            x = x * (wc * wr)
-        terms[kind] = x
-    if set(spec.types) <= {"simpo", "orpo"} or rc is None:
+            t = t * (wc * wr)
+        terms[kind] = t
+    if set(spec.types) <= MEAN_LOGP_REWARDS or rc is None:
         cr, rr_ = b * (pc / lcf).detach(), b * (pr / lrf).detach()
     else:
         cr, rr_ = b * cl.detach(), b * rl.detach()
@@ -203,9 +332,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
              loss_type: str = "sigmoid", label_smoothing: float = 0.0, chosen_lengths=None, rejected_lengths=None,
              simpo_gamma: float = 0.5):
     """One loss type, per pair: (losses, chosen_rewards, rejected_rewards), all (B,); lengths are reply token counts
-    (needed by ipo, sigmoid_norm, simpo, orpo, sft). The benchmarks' and simple callers' entry point to loss_terms."""
+    (needed by the losses marked `lengths` in LOSSES). The benchmarks' and simple callers' entry point to loss_terms."""
     if chosen_lengths is None or rejected_lengths is None:
-        if loss_type in ("ipo", "sigmoid_norm", "simpo", "orpo", "sft"):
+        if loss_type in LOSSES and LOSSES[loss_type].lengths:
             raise ValueError(f"loss_type={loss_type!r} needs chosen_lengths and rejected_lengths (reply token counts)")
         chosen_lengths = rejected_lengths = torch.ones_like(policy_chosen_logps)
     spec = LossSpec(types=(loss_type,), weights=(1.0,), beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma)

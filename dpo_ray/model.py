@@ -9,13 +9,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import UserError
+
 log = logging.getLogger("dpo_ray")
 
 DEMO_PREFIX = "demo:"
 DEMO_MODELS = ("demo:tiny-llama", "demo:tiny-llama-sft")  # random weights; the same after a supervised pass (dpo_ray.demo)
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model or tokenizer the user named cannot be used."""
 
 

@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from .errors import UserError
+
 log = logging.getLogger("dpo_ray")
 # MLflow's HTTP client retries 7 times with exponential backoff (minutes) by default; we retry ourselves
 # and report what was lost, so a dead server must fail fast. Set these variables to override.
@@ -19,7 +21,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-class TrackingError(ValueError):
+class TrackingError(UserError, ValueError):
     """The MLflow tracking store cannot be used."""
 
 

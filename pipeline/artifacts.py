@@ -30,13 +30,15 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from dpo_ray.errors import UserError
+
 from .storage import Location, local
 
 log = logging.getLogger("dpo_ray")
 DONE = "_COMPLETE"  # written last: locally inside the temporary directory before the rename; on object stores it names the attempt
 
 
-class LockedError(RuntimeError):
+class LockedError(UserError, RuntimeError):
     """Another dpo-ray process holds the output directory."""
 
 
@@ -69,7 +71,7 @@ def exclusive(directory: Path):
         f.close()
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input data that cannot be used (missing file, too many bad rows)."""
 
 

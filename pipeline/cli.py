@@ -10,20 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+from dpo_ray.errors import UserError
+
 from . import doctor
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from dpo_ray.config import ConfigError
-    from dpo_ray.judges import JudgeError
-    from dpo_ray.model import ModelError
-    from dpo_ray.tracking import TrackingError
-
-    from .artifacts import DataError, LockedError
-    from .run import ResourceError, SetupError
-    from .storage import StorageError
-    from .train import TrainingError
-
-    return (ConfigError, JudgeError, DataError, LockedError, ModelError, TrackingError, ResourceError, SetupError, StorageError, TrainingError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "doctor":
             return doctor.main(cfg, args.address)
         from . import console
-        from .run import COMMANDS, check_output_dir, run
+        from .context import check_output_dir
+        from .run import COMMANDS, run
 
         check_output_dir(Path(cfg.output_dir).resolve())
         console.setup(Path(cfg.output_dir).resolve(), args.command)
@@ -81,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 130
         else:
             summary = run(cfg, COMMANDS[args.command], address=args.address, retrain=args.command == "retrain")
-    except _user_errors() as e:
+    except UserError as e:
         print(f"dpo-ray: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

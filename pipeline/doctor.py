@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from dpo_ray import memory
+from dpo_ray.errors import UserError
 
 PASS, FAIL, SKIP = "pass", "FAIL", "skip"
 
@@ -47,7 +48,7 @@ def _torch():
 
 
 def _ray(address: str | None):
-    from .run import check_ray_address
+    from .runtime import check_ray_address
 
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
@@ -58,7 +59,7 @@ def _ray(address: str | None):
 
 
 def _output_dir(cfg):
-    from .run import check_output_dir
+    from .context import check_output_dir
 
     path = Path(cfg.output_dir).resolve()
     check_output_dir(path)
@@ -66,7 +67,7 @@ def _output_dir(cfg):
 
 
 def _cache_dir(cfg):
-    from .run import check_cache_dir
+    from .context import check_cache_dir
     from .storage import redact
 
     check_cache_dir(cfg.cache_dir)
@@ -110,14 +111,12 @@ def _gpu_memory(cfg):
 
 def checks(cfg, address: str | None) -> list[tuple[str, str, str]]:
     """(name, pass|FAIL|skip, detail) for each check; a check's user error is its FAIL detail."""
-    from .cli import _user_errors
-
     out = []
     for name, fn in (("python", _python), ("torch", _torch), ("ray", lambda: _ray(address)), ("output_dir", lambda: _output_dir(cfg)),
                      ("cache_dir", lambda: _cache_dir(cfg)), ("mlflow", lambda: _mlflow(cfg)), ("gpu memory", lambda: _gpu_memory(cfg))):
         try:
             status, detail = fn()
-        except (*_user_errors(), OSError, ImportError) as e:
+        except (UserError, OSError, ImportError) as e:
             status, detail = FAIL, str(e).splitlines()[0] if str(e) else type(e).__name__
         out.append((name, status, detail))
     return out

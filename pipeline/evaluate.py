@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +19,8 @@ from dpo_ray.losses import combine, ld_logps, loss_terms
 from dpo_ray.metrics import dpo_metrics, pair_accuracies
 from dpo_ray.model import load_tokenizer
 
-from . import console
+from . import console, generate
+from .runtime import SetupError
 from .reference import CHECK_COLUMNS, Reference, has_split, read_split, score, scoring_bf16
 
 log = logging.getLogger("dpo_ray")
@@ -102,8 +104,37 @@ def pair_table(df, reward_margins, prefers_chosen, tokenizer_path: str, trust_re
     }).sort_values("reward_margin", kind="stable").reset_index(drop=True)  # the pairs the model gets most wrong first
 
 
+@dataclass
+class Evaluation:
+    """What the evaluate stage made: eval/... metrics (the model's, eval/reference/... the reference's, the generations'
+    and the judge's), the per-pair table and the generations table (None when not made)."""
+
+    metrics: dict
+    pairs: pd.DataFrame | None = None
+    generations: pd.DataFrame | None = None
+
+    def summary(self) -> dict:
+        """The summary's `eval` and `eval_reference` entries."""
+        ev = self.metrics
+        return {"eval": {k[len("eval/"):]: v for k, v in ev.items() if not k.startswith("eval/reference/")},
+                "eval_reference": {k[len("eval/reference/"):]: v for k, v in ev.items() if k.startswith("eval/reference/")}}
+
+
+def evaluate_policy(cfg, ctx, ref: Reference, model_dir: Path, baseline: dict | None = None) -> Evaluation:
+    """Stage 4: the model at `model_dir` on the held-out pairs against the cached reference (`pairs_metrics`); then,
+    with eval.generate, its replies to held-out prompts beside the reference's, judged (pipeline/generate.py)."""
+    if not model_dir.exists():
+        raise SetupError(f"evaluate: no trained model at {model_dir}; run `dpo-ray train` first")
+    ev, pairs = pairs_metrics(cfg, ref, model_dir, ctx.tokenizer_path, ctx.use_gpu, baseline)
+    generations = None
+    if ev:  # the replies of the model and the reference to held-out prompts, and the judge's win rate (eval.generate)
+        gen, generations = generate.generate_and_judge(cfg, ctx, ref, model_dir)
+        ev = {**ev, **gen}
+    return Evaluation(ev, pairs, generations)
+
+
 @console.stage("evaluate", lambda r: f"reward accuracy {r[0]['eval/rewards/accuracies']:.3f} (reference {r[0]['eval/reference/rewards/accuracies']:.3f})")
-def run(cfg, ref: Reference, model_dir: Path, reference_path: str, tokenizer_path: str, use_gpu: bool, baseline: dict | None = None):
+def pairs_metrics(cfg, ref: Reference, model_dir: Path, tokenizer_path: str, use_gpu: bool, baseline: dict | None = None):
     """Returns (eval/... metrics for the trained model and eval/reference/... for the reference itself, the per-pair
     table of the trained model); ({}, None) without an eval split. `baseline`: the reference's metrics when already
     read (a sweep reads them once for all its trials)."""

@@ -182,9 +182,11 @@ def check_judge(cfg) -> None:
 
 
 @console.stage("generate", lambda r: " | ".join(f"{k} {r[0][k]:.3f}" for k in ("eval/win_rate", "eval/generation/tokens_per_second") if k in r[0]))
-def run(cfg, ref, model_dir, reference_path: str, tokenizer_path: str, use_gpu: bool, prompts: list[dict] | None = None):
-    """(eval/generation/... and, with a judge, eval/win_rate and eval/judge/... metrics, the eval_generations table);
+def generate_and_judge(cfg, ctx, ref, model_dir, prompts: list[dict] | None = None):
+    """Held-out prompts answered by the model at `model_dir` and by the reference (its replies cached), and judged:
+    (eval/generation/... and, with a judge, eval/win_rate and eval/judge/... metrics, the eval_generations table);
     ({}, None) when generation is off or there is no eval split."""
+    reference_path, tokenizer_path, use_gpu = ctx.reference_path, ctx.tokenizer_path, ctx.use_gpu
     g = cfg.eval.generate
     if g.prompts == 0:
         return {}, None

@@ -19,12 +19,14 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from dpo_ray.errors import UserError
+
 log = logging.getLogger("dpo_ray")
 TASK_CPUS = 0.25  # a Ray Data read or map task beside an actor pool: 4 fit in the CPU a 0.5-CPU actor leaves on a 1-CPU node
 NOTE_EVERY_S = 30.0  # a waiting stage says what it waits for this often
 
 
-class ResourceError(RuntimeError):
+class ResourceError(UserError, RuntimeError):
     """The Ray cluster cannot run what a stage needs, and did not gain it within cluster.wait_for_resources_s."""
 
 

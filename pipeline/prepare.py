@@ -143,7 +143,10 @@ def check_files(cfg, files: list[Path]) -> dict[Path, str]:
 
 @console.stage("prepare", lambda p: f"{p.stats['rows_used']} pairs ({p.stats['train_rows']} train / {p.stats['eval_rows']} eval), "
                              f"{p.stats['rows_rejected']} rejected, {p.stats['duplicates']} duplicates")
-def run(cfg, tokenizer_path: str, rejects_copy: Path) -> Prepared:
+def prepare_pairs(cfg, ctx) -> Prepared:
+    """Stage 1: every data file validated, templated (ctx.tokenizer_path), masked and written to the cache (a file
+    prepared before is reused); the rejected rows copied to ctx.rejects_file."""
+    tokenizer_path, rejects_copy = ctx.tokenizer_path, ctx.rejects_file
     files = resolve_data_files(cfg.data.train)
     eval_files = resolve_data_files(cfg.data.eval) if cfg.data.eval else []
     kinds = check_files(cfg, files + eval_files)

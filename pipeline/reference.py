@@ -163,9 +163,11 @@ def score(ds, model_path: str, tokenizer_path: str, prefix: str, cfg, use_gpu: b
 
 
 @console.stage("reference", lambda r: f"{len(r.parts)} file(s), cache {'hit' if r.hit else 'written'}: {r.parts[0] if len(r.parts) == 1 else r.parts[0].parent}")
-def run(cfg, prepared: Prepared, reference_path: str, tokenizer_path: str, use_gpu: bool) -> Reference:
-    """Per prepared part and split: written aside and renamed into place when whole; the part is marked complete
+def score_reference(cfg, ctx, prepared: Prepared) -> Reference:
+    """Stage 2: the reference model's (ctx.reference_path) log-probs of every prepared pair, cached by content key.
+    Per prepared part and split: written aside and renamed into place when whole; the part is marked complete
     last. A run killed midway leaves nothing that looks finished, and the next run reuses what is."""
+    reference_path, tokenizer_path, use_gpu = ctx.reference_path, ctx.tokenizer_path, ctx.use_gpu
     model_key = fingerprint_model(reference_path)
     cache = open_location(cfg.cache_dir)
     parts, hits, todo, queued, waiting = [], [], [], set(), []

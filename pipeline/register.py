@@ -178,9 +178,10 @@ def download(uri: str, name_or_uri: str, cache: Path) -> tuple[str, str]:
     return str(out), mv.version
 
 
-def run(cfg, tracker, uri: str, challenger_eval: dict, score_champion) -> dict:
-    """Register this run's logged model (an unmerged LoRA adapter: its `model` artifact folder); compare with the
-    champion; move the aliases. Returns the decision."""
+def register_model(cfg, ctx, tracker, challenger_eval: dict, score_champion) -> dict:
+    """Stage 5: register this run's logged model (an unmerged LoRA adapter: its `model` artifact folder); compare with
+    the champion (`score_champion(model_dir)`: its metrics on the same eval set); move the aliases. Returns the decision."""
+    uri = ctx.uri
     from mlflow.exceptions import MlflowException
 
     client, name, metric = tracker.client, cfg.registry.name, cfg.registry.metric

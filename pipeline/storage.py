@@ -15,8 +15,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from dpo_ray.errors import UserError
 
-class StorageError(ValueError):
+
+class StorageError(UserError, ValueError):
     """cache_dir names a filesystem pyarrow cannot open."""
 
 

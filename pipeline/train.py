@@ -4,31 +4,58 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray.train.v2._internal.constants import DEFAULT_WORKER_GROUP_START_TIMEOUT_S, WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 
 from dpo_ray import checkpoint
+from dpo_ray.errors import UserError
 from dpo_ray.rows import CacheReadError
 from dpo_ray.train_loop import train_loop_per_worker
 
 from . import console
 from .artifacts import fingerprint
+from .export import export_model
+from .ray_compat import DEFAULT_WORKER_GROUP_START_TIMEOUT_S, WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 from .reference import causes, split_files
 
 log = logging.getLogger("dpo_ray")
 
 # train config keys that change how the work is split over workers or logged, not what is computed
 WORKER_LAYOUT = {"max_failures", "placement_timeout_s", "worker_resources", "resize_interval_s", "log_every", "num_workers", "batch_size_per_worker", "grad_accum_steps", "pairs_per_step", "cpus_per_worker",
-                 "torch_threads", "use_gpu", "cpu_offload", "gpu_memory_gb", "resume_from", "prefetch_steps"}
+                 "torch_threads", "use_gpu", "cpu_offload", "gpu_memory_gb", "resume_from", "prefetch_steps", "preemption_lead_s"}
+
+
+@dataclass
+class Trained:
+    """What the train stage made: the directory to evaluate and log (the model, or an unmerged LoRA adapter) and the
+    run's figures (steps, first and last loss, tokens/s, peaks, the checkpoint)."""
+
+    model_dir: Path
+    summary: dict
+
+
+def train_policy(cfg, ctx, ref, run_id: str | None = None, name: str | None = None, callbacks: list | None = None) -> Trained:
+    """Stage 3: the policy trained on the cached reference (`fit`), exported to <output_dir>/model (and adapter)."""
+    result = fit(cfg, ctx, ref, run_id, name, callbacks)
+    model_dir = export_model(result.checkpoint, ctx.tokenizer, ctx.out_dir, cfg, ctx.policy_path)
+    m = result.metrics or {}
+    return Trained(model_dir, {
+        "steps": m.get("step"), "loss_first": m.get("loss_first"), "loss_last": m.get("loss_last"),
+        "tokens_per_second": m.get("tokens_per_second"), "checkpoint": result.checkpoint.path,
+        **({"mfu": m["mfu"]} if m.get("mfu") is not None else {}),  # on GPUs with a known datasheet peak
+        # the largest worker's peaks (MB): host RSS, and allocated GPU memory on GPUs
+        "host_memory_peak_mb": m.get("host_memory_peak_mb"), "gpu_peak_memory_mb": m.get("gpu_peak_memory_mb"),
+        # train.compile: seconds compiling (the first step) and graphs compiled again after it
+        **({"compile_seconds": m["compile_seconds"], "recompiles": m.get("recompiles")} if m.get("compile_seconds") is not None else {})})
 
 
 @console.stage("train", lambda r: f"{r.metrics['step']} steps, loss {r.metrics['loss_first']:.4f} -> {r.metrics['loss_last']:.4f}")
-def run(cfg, ref, policy_path: str, pad_id: int, use_gpu: bool, cpus_per_worker: float, tracking_uri: str | None, run_id: str | None,
-        name: str | None = None, callbacks: list | None = None):
-    """Returns the ray.train.Result. The Ray run name is a fingerprint of the inputs and the train config, so rerunning
+def fit(cfg, ctx, ref, run_id: str | None = None, name: str | None = None, callbacks: list | None = None):
+    """Ray Train over the workers the context planned (ctx.use_gpu, ctx.cpus_per_worker); returns the ray.train.Result
+    (its MLflow metrics go to `run_id`). The Ray run name is a fingerprint of the inputs and the train config, so rerunning
     the same thing resumes its last checkpoint instead of starting over, also with another number of workers: the
     name keeps the pairs per step, not how they are split over workers. A sweep's trial passes its own name (its trial
     id) and Ray Tune's TuneReportCallback."""
@@ -37,12 +64,13 @@ def run(cfg, ref, policy_path: str, pad_id: int, use_gpu: bool, cpus_per_worker:
         problem = checkpoint.mismatch(Path(t.resume_from), t.strategy, t.lora is not None)
         if problem:
             raise TrainingError(f"train.resume_from: {problem}")
-    name = name or "dpo-" + fingerprint(ref.key, policy_path, t.model_dump(exclude=WORKER_LAYOUT), t.step_pairs, cfg.seed)
+    use_gpu, cpus_per_worker = ctx.use_gpu, ctx.cpus_per_worker
+    name = name or "dpo-" + fingerprint(ref.key, ctx.policy_path, t.model_dump(exclude=WORKER_LAYOUT), t.step_pairs, cfg.seed)
     storage = cfg.train.storage_path or str(Path(cfg.output_dir).resolve() / "ray_train")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "policy_path": policy_path, "pad_id": pad_id,
-                           "tracking_uri": tracking_uri, "run_id": run_id,
+        train_loop_config={"cfg": cfg.model_dump(), "policy_path": ctx.policy_path, "pad_id": ctx.tokenizer.pad_token_id,
+                           "tracking_uri": ctx.uri, "run_id": run_id,
                            # the workers read their own rows of each step from these files (dpo_ray/rows.py): no Ray
                            # Dataset, so nothing of the train set passes through the object store
                            "train_files": split_files(ref.parts, "train"), "drop_ids": list(ref.drop_ids)},
@@ -50,7 +78,9 @@ def run(cfg, ref, policy_path: str, pad_id: int, use_gpu: bool, cpus_per_worker:
                                      resources_per_worker={"CPU": cpus_per_worker, **t.worker_resources},
                                      elastic_resize_monitor_interval_s=t.resize_interval_s),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(
-                                 max_failures=t.max_failures, controller_failure_limit=placement_tries(t.placement_timeout_s)),
+                                 max_failures=t.max_failures, controller_failure_limit=placement_tries(t.placement_timeout_s),
+                                 # a preemption's restart this long before the drain's deadline (the grace's sign: earlier)
+                                 preemption_grace_s=-t.preemption_lead_s),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
     )
     wait = f"up to train.placement_timeout_s={t.placement_timeout_s:g} s in all" if t.placement_timeout_s else "for ever"
@@ -91,7 +121,7 @@ def placement_message(t, use_gpu: bool, cpus_per_worker: float) -> str:
             f"node(s) back, or set train.num_workers lower or to [min, max] (elastic)")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training stopped for a reason the user can act on (non-finite loss, a cached file that cannot be read)."""
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from pipeline.run import free_port  # noqa: F401  (test_cluster and test_registry import it from here)
+from pipeline.runtime import free_port  # noqa: F401  (test_cluster and test_registry import it from here)
 from pipeline.storage import Location
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -47,10 +47,11 @@ def messy_file(tmp_path_factory):
 
 def prepare_with(tmp_path, cache_dir, path, *sets):
     from pipeline import prepare
+    from pipeline.context import Context
 
     cfg = load_config(None, [f"cache_dir={cache_dir}", f"data.train=[{path}]", "data.max_length=64",
                              "data.max_prompt_length=64", "data.eval_fraction=0", *sets])
-    return prepare.run(cfg, str(cache_dir / "models" / "demo-tiny-llama-v1"), rejects_copy=tmp_path / "rejects.jsonl")
+    return prepare.prepare_pairs(cfg, Context.for_models(cfg, str(cache_dir / "models" / "demo-tiny-llama-v1"), rejects_file=tmp_path / "rejects.jsonl"))
 
 
 def test_every_line_accounted_for(ray_local, demo_model, cache_dir, messy_file, tmp_path):

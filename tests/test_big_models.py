@@ -34,14 +34,15 @@ def models(tmp_path_factory, demo_model):
 def refs(tmp_path_factory, ray_local, cache_dir, small_pairs, models):
     """fp32, 2-worker configs with each model's reference log-probs cached."""
     from pipeline import prepare, reference
+    from pipeline.context import Context
 
     out = {}
     for arch, path in models.items():
         tmp = tmp_path_factory.mktemp(arch)
         cfg = load_config(None, small_config(tmp, cache_dir, small_pairs, **{
             "train.bf16": "false", "train.num_workers": "2", "train.max_steps": "4", "train.checkpoint_every": "4", "model.policy": path}))
-        prepared = prepare.run(cfg, path, tmp / "rejects.jsonl")
-        out[arch] = cfg, reference.run(cfg, prepared, path, path, use_gpu=False), path
+        ctx = Context.for_models(cfg, path, rejects_file=tmp / "rejects.jsonl")
+        out[arch] = cfg, reference.score_reference(cfg, ctx, prepare.prepare_pairs(cfg, ctx)), path
     return out
 
 
@@ -50,7 +51,8 @@ def train(cfg, ref, model, tmp_path: Path, name: str, **sets):
     from mlflow.tracking import MlflowClient
 
     from dpo_ray.tracking import ensure_experiment
-    from pipeline.train import run
+    from pipeline.context import Context
+    from pipeline.train import fit
 
     cfg = cfg.model_copy(deep=True)
     cfg.output_dir = str(tmp_path / name)
@@ -59,7 +61,7 @@ def train(cfg, ref, model, tmp_path: Path, name: str, **sets):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(ensure_experiment(uri, "big-models"), run_name=name).info.run_id
-    result = run(cfg, ref, model, 0, False, 0.5, uri, run_id)  # 2 workers x 0.5 CPU leave 1 of the 2 for Ray Data
+    result = fit(cfg, Context.for_models(cfg, model, uri=uri, cpus_per_worker=0.5), ref, run_id)  # 2 workers x 0.5 CPU leave 1 of the 2 for Ray Data
     assert result.error is None
     history = {k: [m.value for m in sorted(client.get_metric_history(run_id, f"train/{k}"), key=lambda m: m.step)]
                for k in ("loss", "grad_norm", "rewards/margins")}
@@ -219,7 +221,8 @@ def test_killed_fsdp_worker_resumes_to_the_same_weights(refs, tmp_path):
 def test_memory_plan_refuses_before_loading_anything(tmp_path, small_pairs, ray_local):
     """A GPU of 8 MB cannot hold the tiny Llama's fp32 weights and AdamW state (1.1M parameters x 12 bytes): the run
     stops before prepare, the reference model or any worker, naming the options that fit."""
-    from pipeline.run import ResourceError, run
+    from pipeline.placement import ResourceError
+    from pipeline.run import run
 
     cache = tmp_path / "cache"
     cfg = load_config(None, small_config(tmp_path, cache, small_pairs, **{"train.gpu_memory_gb": str(8 / 1024)}))

@@ -66,6 +66,16 @@ def test_docs_config_md_is_what_the_generator_writes():
     assert DOC.read_text() == render(), "docs/config.md is out of date: run `python -m pipeline.config_docs > docs/config.md`"
 
 
+def test_docs_losses_md_table_is_what_the_registry_makes():
+    from dpo_ray.loss_names import DOC, LOSS_TYPES, render
+
+    text = DOC.read_text()
+    assert render(text) == text, "docs/losses.md's table is out of date: run `python -m dpo_ray.loss_names --write`"
+    assert all(f"| `{name}` |" in text for name in LOSS_TYPES)
+    stale = text.replace("`relu(1 - β d)`", "`relu(1 - d)`")  # a hand edit in the table: the generator puts it back
+    assert stale != text and render(stale) == text
+
+
 def test_doctor_says_pass_or_fail_per_check_and_its_exit_status_follows(tmp_path):
     """Real checks: a writable tmp output_dir and cache_dir pass; an unwritable output_dir, an MLflow server and a Ray
     address nobody answers fail, each on its own line; the exit status is 1 then."""
@@ -107,3 +117,16 @@ def test_the_kuberay_rayjob_runs_the_tested_entrypoint_with_the_configs_worker_r
     train = load_config(str(ROOT / "configs" / "cluster.yaml"), []).train
     assert (group["minReplicas"], group["maxReplicas"], group["replicas"]) == (train.min_workers, train.max_workers, train.max_workers)
     assert group["rayStartParams"]["num-gpus"] == "1"
+
+
+def test_the_file_tree_in_performance_md_is_the_code_as_it_is():
+    """docs/performance.md's "Where the code is": every module of dpo_ray/ and pipeline/ has its line, and every path
+    it names exists (the tree was once stale: a driver missing, "5 losses")."""
+    text = (ROOT / "docs" / "performance.md").read_text()
+    tree = text[text.index("## Where the code is"):]
+    tree = tree[tree.index("```") + 3:]
+    tree = tree[:tree.index("```")]
+    listed = {ln.split()[0] for ln in tree.splitlines() if ln.strip() and not ln.startswith(" ")}
+    modules = {str(p.relative_to(ROOT)) for d in ("dpo_ray", "pipeline") for p in (ROOT / d).glob("*.py") if p.name != "__init__.py"}
+    assert not modules - listed, f"modules missing from docs/performance.md's tree: {sorted(modules - listed)}"
+    assert not [p for p in listed if not (ROOT / p).exists()], [p for p in listed if not (ROOT / p).exists()]

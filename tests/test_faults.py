@@ -23,11 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def ref_cache(tmp_path_factory, ray_local, cache_dir, small_pairs, demo_model):
     from pipeline import prepare, reference
+    from pipeline.context import Context
 
     tmp = tmp_path_factory.mktemp("faults")
     cfg = load_config(None, small_config(tmp, cache_dir, small_pairs))
-    prepared = prepare.run(cfg, demo_model, tmp / "rejects.jsonl")
-    return cfg, reference.run(cfg, prepared, demo_model, demo_model, use_gpu=False)
+    ctx = Context.for_models(cfg, demo_model, rejects_file=tmp / "rejects.jsonl")
+    return cfg, reference.score_reference(cfg, ctx, prepare.prepare_pairs(cfg, ctx))
 
 
 def pids_of(pattern: str) -> list[int]:
@@ -69,9 +70,11 @@ def kill_workers_after_first_checkpoint(storage: Path, timeout: float = 300) -> 
 
 
 def train(cfg, ref, demo_model, tracking=(None, None)):
-    from pipeline.train import run
+    from pipeline.context import Context
+    from pipeline.train import fit
 
-    return run(cfg, ref, demo_model, 0, False, 1.0, *tracking)
+    uri, run_id = tracking
+    return fit(cfg, Context.for_models(cfg, demo_model, uri=uri), ref, run_id)
 
 
 def test_killed_worker_resumes_to_the_same_weights(ref_cache, demo_model, tmp_path):
@@ -134,7 +137,6 @@ def test_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(ref_cach
 
 
 def test_driver_killed_during_reference_leaves_nothing_half_done(tmp_path, cache_dir, small_pairs, demo_model, ray_local):
-    from pipeline.reference import run as reference_run
     from pipeline.run import run
 
     sets = small_config(tmp_path, tmp_path / "cache", small_pairs, **{"data.eval_fraction": "0.3"})

@@ -128,6 +128,14 @@ def write_all_types(directory: Path, rows: list[dict]) -> list[Path]:
     return sorted(directory.iterdir())
 
 
+def prepare_in(cfg, model, tmp_path):
+    """The prepare stage over `model`'s tokenizer, its rejects copied to tmp_path."""
+    from pipeline.context import Context
+    from pipeline.prepare import prepare_pairs
+
+    return prepare_pairs(cfg, Context.for_models(cfg, model, rejects_file=tmp_path / "rejects.jsonl"))
+
+
 def load(tmp_path, cache_dir, data, **sets):
     from dpo_ray.config import load_config
 
@@ -135,12 +143,12 @@ def load(tmp_path, cache_dir, data, **sets):
 
 
 def test_every_file_type_gives_the_same_rows_with_record_numbers(tmp_path, cache_dir, demo_model, ray_local, monkeypatch):
-    from pipeline import prepare, sources
+    from pipeline import sources
 
     monkeypatch.setattr(sources, "CHUNK_BYTES", 1000)  # a.jsonl in ~10 read tasks: its line numbers must still be the file's
     files = write_all_types(tmp_path / "data", pairs_for(30))
     cfg = load(tmp_path, cache_dir, tmp_path / "data", **{"data.eval_fraction": "0", "data.max_bad_fraction": "0.05"})
-    prep = prepare.run(cfg, demo_model, rejects_copy=tmp_path / "rejects.jsonl")
+    prep = prepare_in(cfg, demo_model, tmp_path)
     assert [p.file.name for p in prep.parts] == [f.name for f in files]
     per_file = prep.stats["per_file"]
     assert [s["rows_read"] for s in per_file] == [30] * 6 and [s["rows_rejected"] for s in per_file] == [1] * 6
@@ -176,14 +184,12 @@ def test_json_lines_read_in_chunks_keep_every_line_and_its_number(tmp_path, ray_
 def test_each_layout_in_a_file_of_its_own_is_prepared_with_its_mask(tmp_path, cache_dir, demo_model, demo_tokenizer, ray_local):
     """Six small files, one layout each, through the Ray Data prepare: every row kept, its layout counted, and the
     prepared mask decodes to exactly the final reply + EOS."""
-    from pipeline import prepare
-
     tok, d = demo_tokenizer, tmp_path / "layouts"
     d.mkdir()
     for layout, row in LAYOUT_ROWS.items():
         rows = [json.loads(json.dumps(row).replace("owl", f"{layout} owl {i}")) for i in range(4)]  # distinct pairs, in all files
         (d / f"{layout}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    prep = prepare.run(load(tmp_path, cache_dir, d, **{"data.eval_fraction": "0"}), demo_model, rejects_copy=tmp_path / "rejects.jsonl")
+    prep = prepare_in(load(tmp_path, cache_dir, d, **{"data.eval_fraction": "0"}), demo_model, tmp_path)
     for part, counts in zip(prep.parts, prep.stats["per_file"]):
         layout = part.file.name.removesuffix(".jsonl")
         assert counts["layouts"] == {layout: 4} and counts["rows_used"] == 4 and counts["rows_rejected"] == 0
@@ -195,7 +201,6 @@ def test_each_layout_in_a_file_of_its_own_is_prepared_with_its_mask(tmp_path, ca
 
 
 def test_a_file_that_is_not_what_it_claims_is_one_error(tmp_path, cache_dir, demo_model, ray_local):
-    from pipeline import prepare
     from pipeline.artifacts import DataError
 
     d = tmp_path / "data"
@@ -211,7 +216,7 @@ def test_a_file_that_is_not_what_it_claims_is_one_error(tmp_path, cache_dir, dem
         (d / name).write_text(text)
         cfg = load(tmp_path, cache_dir, d / name)
         with pytest.raises(DataError) as e:
-            prepare.run(cfg, demo_model, rejects_copy=tmp_path / "rejects.jsonl")
+            prepare_in(cfg, demo_model, tmp_path)
         assert words in str(e.value) and str(e.value).count("\n") == 0, (name, str(e.value))
 
 

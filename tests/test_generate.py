@@ -50,13 +50,14 @@ def setup(tmp_path_factory, ray_local, cache_dir, small_pairs, demo_model):
     moved by seeded noise), the generation settings of these tests."""
     from dpo_ray.model import load_model
     from pipeline import prepare, reference
+    from pipeline.context import Context
 
     tmp = tmp_path_factory.mktemp("generate")
     sets = small_config(tmp, tmp / "cache", small_pairs, **{"eval.generate.prompts": str(PROMPTS), "eval.generate.max_new_tokens": "16",
                                                          "eval.generate.batch_size": "6", "data.eval_fraction": "0.2"})
     cfg = load_config(None, sets)
-    prepared = prepare.run(cfg, demo_model, tmp / "rejects.jsonl")
-    ref = reference.run(cfg, prepared, demo_model, demo_model, use_gpu=False)
+    ctx = Context.for_models(cfg, demo_model, rejects_file=tmp / "rejects.jsonl")
+    ref = reference.score_reference(cfg, ctx, prepare.prepare_pairs(cfg, ctx))
     policy = load_model(demo_model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -68,10 +69,11 @@ def setup(tmp_path_factory, ray_local, cache_dir, small_pairs, demo_model):
 
 def run_generate(setup, demo_model, *extra):
     from pipeline import generate
+    from pipeline.context import Context
 
     tmp, sets, ref, policy = setup
     cfg = load_config(None, sets + list(extra))
-    return generate.run(cfg, ref, policy, demo_model, demo_model, use_gpu=False)
+    return generate.generate_and_judge(cfg, Context.for_models(cfg, demo_model), ref, policy)
 
 
 @pytest.fixture(scope="module")

@@ -86,3 +86,41 @@ def test_needs_lengths_and_known_type():
         dpo_loss(x, x, x, x, beta=0.1, loss_type="ipo")
     with pytest.raises(ValueError, match="unknown loss_type"):
         dpo_loss(x, x, x, x, beta=0.1, loss_type="kto")
+
+
+def test_one_registry_makes_the_names_the_config_and_the_dispatch():
+    """dpo_ray/loss_names.py's table is the one list of names: the config's allowed values, each name's registered term,
+    and the sets other code reads are made from it (the sets pinned here: TRL 1.16's rules)."""
+    import typing
+
+    from dpo_ray import loss_names
+    from dpo_ray.config import FDivergenceType, LossType, TrainConfig
+    from dpo_ray.losses import F_PRIMES, TERMS
+
+    assert loss_names.LOSS_TYPES == ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                                     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo", "orpo")
+    assert loss_names.TRL_LOSS_TYPES == loss_names.LOSS_TYPES[:-2]
+    assert typing.get_args(LossType) == loss_names.LOSS_TYPES == tuple(TERMS)
+    assert typing.get_args(FDivergenceType) == loss_names.F_DIVERGENCES == tuple(F_PRIMES)
+    assert typing.get_args(TrainConfig.model_fields["f_divergence_type"].annotation) == loss_names.F_DIVERGENCES
+    assert loss_names.F_DIVERGENCE_LOSSES == {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+    assert loss_names.SORTED_LOSSES == {"aot", "aot_unpaired"}
+    assert loss_names.REFERENCE_FREE == {"simpo", "orpo", "sft"}
+    assert loss_names.MEAN_LOGP_REWARDS == {"simpo", "orpo"}
+    assert {n for n, i in loss_names.LOSSES.items() if i.lengths} == {"ipo", "sigmoid_norm", "simpo", "orpo", "sft"}
+    x = torch.zeros(2)
+    for name, info in loss_names.LOSSES.items():
+        assert name == info.name and info.formula and info.paper and info.use
+        if info.lengths:
+            with pytest.raises(ValueError, match="lengths"):
+                dpo_loss(x, x, x, x, beta=0.1, loss_type=name)
+
+
+def test_the_config_imports_no_torch():
+    """The loss names come from the torch-free table: loading a config stays light."""
+    import subprocess
+    import sys
+
+    code = "import sys, dpo_ray.config; assert 'torch' not in sys.modules, 'dpo_ray.config imported torch'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

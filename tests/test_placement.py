@@ -32,7 +32,8 @@ import ray
 ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
 from dpo_ray.config import load_config
 from pipeline import placement
-from pipeline.run import run, setup_logging
+from pipeline.run import run
+from pipeline.runtime import setup_logging
 setup_logging()
 out = {}
 t0 = time.monotonic()

@@ -116,7 +116,7 @@ def test_file_uri_cache(file_run):
 
 
 def test_cache_with_wrong_credentials_is_refused_up_front(s3, monkeypatch, tmp_path):
-    from pipeline.run import SetupError, check_cache_dir
+    from pipeline.context import SetupError, check_cache_dir
 
     for k, v in {**s3.env, "AWS_ACCESS_KEY_ID": "AKIAWRONG"}.items():
         monkeypatch.setenv(k, v)

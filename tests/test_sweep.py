@@ -162,7 +162,8 @@ def test_interrupted_sweep_continues_without_retraining(asha_sweep):
 def test_space_parsing_and_stage_keys():
     """The CLI's --grid/--sample forms, their errors as one line naming the key, and which keys get their own reference pass."""
     from dpo_ray.config import ConfigError, SweepConfig
-    from pipeline.sweep import group_key, parse_grid, parse_sample, param_space, stage_values, with_overrides
+    from dpo_ray.config import with_overrides
+    from pipeline.space import group_key, parse_grid, parse_sample, param_space, stage_values
 
     assert parse_grid("train.beta=[0.05, 0.1]") == ("train.beta", [0.05, 0.1])
     assert parse_grid("train.loss_type=[sigmoid,ipo]") == ("train.loss_type", ["sigmoid", "ipo"])
@@ -184,3 +185,22 @@ def test_space_parsing_and_stage_keys():
     assert group_key(with_overrides(base.model_dump(), {"data.max_length": 64})) != group_key(base)
     with pytest.raises(ConfigError, match="train.beta"):
         with_overrides(base.model_dump(), {"train.beta": -1})
+
+
+def test_a_trial_whose_memory_plan_cannot_fit_stops_the_sweep_before_any_work(tmp_path, tiny_pairs, demo_model):
+    """Every trial's memory plan is checked before the shared stages: on a stated 8 MB GPU the LoRA trial fits and the
+    full fine-tune does not (the tiny Llama's 1.1M fp32 weights and AdamW state): one line naming that trial, exit 2,
+    nothing prepared, no trial started."""
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    os.symlink(demo_model, cache / "models" / Path(demo_model).name)
+    sets = sweep_sets(tmp_path, cache, tiny_pairs, **{"train.gpu_memory_gb": str(8 / 1024)})
+    cmd = [str(Path(sys.executable).parent / "dpo-ray"), "sweep", "configs/demo.yaml", "--grid", "train.lora=[{r: 8}, null]",
+           "--grid", "train.lr=[1e-3,3e-3]"] + [a for s in sets for a in ("--set", s)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("dpo-ray: error:")]
+    assert len(errors) == 1 and "sweep: the trial train.lora=None, train.lr=0.001 cannot fit: train: parameters and optimizer state need" in errors[0], proc.stderr[-3000:]
+    assert "options that fit" in errors[0] and "train.lora" in errors[0]
+    assert not (cache / "prepared").exists() and not (tmp_path / "out" / "trials").exists()
