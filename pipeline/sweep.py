@@ -111,7 +111,7 @@ def _sweep(cfg: Config, out_dir: Path, address: str | None) -> dict:
     # when Ray's state API (the dashboard) answers; without it the next trial waits for ever (ray#54305)
     with ray_runtime(address, dashboard=s.scheduler is not None):
         try:
-            ctx.on_cluster(cfg, trains=True)
+            ctx.on_cluster(cfg, trains=False)  # the plan of every trial instead: the base config need not be one
             check_trials(cfg, ctx)
             # [1] the shared part once per distinct data/reference setting, on the driver, before any trial
             groups, stage_seconds = {}, []
