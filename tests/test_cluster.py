@@ -399,7 +399,9 @@ def test_elastic_run_survives_a_lost_node_and_grows_back(cluster, services, full
     (tmp_path / "out" / "models").mkdir(parents=True)
     os.symlink(demo_model, tmp_path / "out" / "models" / Path(demo_model).name)
     sid = f"dpo-ray-elastic-{uuid.uuid4().hex[:8]}"
-    sub = submit(cluster, sid, elastic_sets(tmp_path, s3, mlflow_server.uri, small_pairs, sid), {**s3.env, "DPO_RAY_STEP_DELAY_S": "0.5"}, wait=False,
+    # steps of ~1.3 s: after the restart on one worker (~20 s after the kill) the run must outlast node_a's return, the
+    # 5 s resize check and a restart at two (~25 s more); at 0.5 s a step it once finished first, still on one worker
+    sub = submit(cluster, sid, elastic_sets(tmp_path, s3, mlflow_server.uri, small_pairs, sid), {**s3.env, "DPO_RAY_STEP_DELAY_S": "1.0"}, wait=False,
                  stage="train")  # what a lost node changes: training (the evaluation is the uninterrupted run's)
     assert sub.returncode == 0, sub.stderr[-3000:]
     try:
@@ -483,8 +485,9 @@ def test_fixed_workers_with_a_lost_node_stop_with_one_line(cluster, services, tm
 
 
 def test_reference_pass_survives_losing_an_actors_node(cluster, services, full_run, tmp_path, small_pairs, demo_model):
-    """Two scoring actors, one per worker node (each has one `scorer`); node_a is killed mid-pass and comes back. The
-    pass ends, the cache is complete, and its log-probs equal the uninterrupted pass's (the full run's)."""
+    """Two scoring actors, one per worker node (each has one `scorer`); node_a is killed mid-pass and does not come
+    back while the job runs (a node lost for good): the pass ends on the one node left, the cache is complete, and its
+    log-probs equal the uninterrupted pass's (the full run's). node_a is started again afterwards for the next tests."""
     s3, mlflow_server = services
     full_out = full_run[0]
     key_dir = s3.at(json.loads((full_out / "summary.json").read_text())["reference_cache"]["path"])
@@ -506,8 +509,7 @@ def test_reference_pass_survives_losing_an_actors_node(cluster, services, full_r
         time.sleep(2)
         cluster.kill_node("node_a")
         cluster.wait_for_nodes(2, timeout=120, poll=0.5)
-        cluster.start_worker("node_a", NODES["node_a"])  # a replacement node, as an autoscaler would start
-        status = wait_job(cluster, sid)
+        status = wait_job(cluster, sid)  # on what is left: one scorer node, fewer actors than reference.min_actors
         assert status == "SUCCEEDED", explain(cluster, sid)
     except BaseException:
         print(explain(cluster, sid))
