@@ -7,10 +7,11 @@ a few steps ahead: its memory does not grow with the dataset. A step's rows are 
 seeded permutation: the data order is independent of Ray's scheduling, which is what makes a resumed run equal to an
 uninterrupted one. With train.max_tokens_per_micro_batch a worker's pairs of a step are regrouped into micro-batches by
 packed tokens; the loss is a sum over pairs divided by the step's pair count, so the update does not depend on the grouping.
+What the loop keeps beside its step (which pairs each step trains, rank 0's tracker and lines, timing, the derived
+metrics, the report window) is in dpo_ray/bookkeeping.py; every call other ranks must match is made here.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -20,7 +21,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -28,13 +28,15 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from . import checkpoint, parallel
+from .bookkeeping import (Pacing, Progress, ReportWindow, StepPlan, Tracker, finish_metrics, mark_compiled, report_metrics,
+                          start_line)
 from .config import Config
 from .flops import batch_flops, datasheet_peak
 from .forward import autocast, use_bf16
 from .losses import combine, ld_logps, loss_terms
 from .metrics import NAMES, metric_vector
 from .packing import token_budget_groups
-from .rows import RowIndex, RowReader, as_lists, prefetched, step_positions
+from .rows import RowIndex, RowReader, as_lists, prefetched
 from .tracking import run_logger, system_metrics
 
 log = logging.getLogger("dpo_ray")
@@ -227,21 +229,15 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(t.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     device = ray.train.torch.get_device()
     log.info("train: rank %d of %d on node %s", rank, world, ray.get_runtime_context().get_node_id())
-    tracker = run_logger(config["tracking_uri"], config["run_id"], enabled=rank == 0)
+    tracker = Tracker(run_logger(config["tracking_uri"], config["run_id"], enabled=rank == 0), rank)  # no-ops off rank 0
     monitor = system_metrics(config["tracking_uri"], config["run_id"], "train_rank0", enabled=rank == 0 and cfg.mlflow.system_metrics)
 
     # [1] data: a small index of the cached rows on every worker; each step reads this rank's slice of the epoch's
     # seeded permutation from the cached Parquet, prefetch_steps ahead
     index = RowIndex(config["train_files"], config["drop_ids"])
     reader = RowReader(index)
-    # the pairs of a step are train.step_pairs at any world size (elastic runs): accumulation takes up the difference
-    n_pairs, bs, accum = len(index), t.batch_size_per_worker, t.accum_for(world)
-    pairs_per_step = t.step_pairs
-    steps_per_epoch = n_pairs // pairs_per_step
-    if steps_per_epoch == 0:
-        raise ValueError(f"train: {n_pairs} pairs are fewer than one step needs ({pairs_per_step} = train.pairs_per_step, "
-                         f"or batch_size_per_worker x num_workers x grad_accum_steps)")
-    total_steps = min(steps_per_epoch * t.epochs, t.max_steps or 10**12)
+    plan = StepPlan.of(len(index), t, cfg.seed, rank, world)  # train.step_pairs a step at any world size
+    total_steps = plan.total_steps
 
     # [2] model and optimizer: ddp (a full copy per worker) or fsdp (sharded), optionally LoRA (dpo_ray.parallel);
     # fp32 master weights; bf16 inside autocast (ddp) or as FSDP2's compute copies of the parameters (fsdp)
@@ -251,50 +247,26 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = parallel.make_optimizer(policy, t, device)
     precision = autocast(bf16, device)  # the reference and evaluation scorers compute the same way (dpo_ray.scoring)
     spec = t.loss  # the loss terms and their settings (dpo_ray.losses.LossSpec)
-    start_step, loss_first = 0, None
-    ckpt = ray.train.get_checkpoint() or (ray.train.Checkpoint(t.resume_from) if t.resume_from else None)  # Ray's own first
-    if ckpt:
-        with ckpt.as_directory() as d:
-            state = checkpoint.load(Path(d), policy, model, optimizer, fsdp, lora)
-        start_step, loss_first = state["step"], state.get("loss_first")
-        log.info("rank %d: resumed from checkpoint at step %d with %d worker(s)", rank, start_step, world)
-        if rank == 0 and ray.train.get_checkpoint():  # a restart of this run (a lost worker or node, a resize): say so in MLflow
-            tracker.set_tag(f"restart.step_{start_step}", f"resumed from the step-{start_step} checkpoint with {world} worker(s), "
-                                                         f"{accum} micro-batch(es) of {bs} pairs each")
-    rows_of_step = lambda step: reader.read(step_positions(n_pairs, cfg.seed, step, steps_per_epoch, rank, world, bs, accum))
-    step_digest = lambda step: pairs_digest(np.concatenate([step_positions(n_pairs, cfg.seed, step, steps_per_epoch, r, world, bs, accum)  # noqa: E731
-                                                            for r in range(world)]))
-    delay = float(os.environ.get("DPO_RAY_STEP_DELAY_S", 0))  # fault tests only: paces the steps so a node can be killed mid-run
-    batches = prefetched(rows_of_step, range(start_step, total_steps), ahead=t.prefetch_steps)
-    if rank == 0:
-        n_train = sum(p.numel() for p in parallel.trainable(model))
-        log.info("train: %d pairs (index %.1f MB a worker), %d workers x %d pairs x %d accumulation = %d pairs/step, %d steps/epoch, "
-                 "%d steps, micro-batches %s, batches %s%s, precision %s, %s%s", n_pairs, index.nbytes() / 2**20, world, bs, accum,
-                 pairs_per_step, steps_per_epoch, total_steps,
-                 f"of up to {t.max_tokens_per_micro_batch} packed tokens" if t.max_tokens_per_micro_batch else f"of {bs} pairs",
-                 f"packed (prompt once per pair, no padding; {t.attention} attention)" if wrapper.packed else "padded to the longest sequence",
-                 ", activation checkpointing" if t.gradient_checkpointing else "",
-                 "bf16 autocast" if bf16 else "fp32 (set train.bf16=true to force bf16; this CPU has no native bf16)" if device.type == "cpu" else "fp32",
-                 f"{t.strategy}{' + cpu offload' if t.cpu_offload else ''}",
-                 f", LoRA r={t.lora.r} on {t.lora.target_modules}: {n_train:,} trainable parameters" if lora else "")
+    start_step, loss_first = resume(t.resume_from, policy, model, optimizer, fsdp, lora, plan, tracker)
+    save = lambda d, state: checkpoint.save(d, policy, model, optimizer, state, rank, fsdp, lora, final=state["step"] == total_steps)  # noqa: E731
+    batches = prefetched(lambda step: reader.read(plan.positions(step)), range(start_step, total_steps), ahead=t.prefetch_steps)
+    tracker.info(start_line(t, plan, index.nbytes() / 2**20, wrapper.packed, bf16, device.type,
+                            sum(p.numel() for p in parallel.trainable(model)) if lora else 0))
 
     # [3] the loop
-    peak = datasheet_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    peak_flops = datasheet_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    progress, pacing, window = Progress(tracker, total_steps, t.log_every), Pacing.from_env(), ReportWindow()
     policy.train()
-    nonfinite, t_start, step_times, last, window, notices = 0, time.time(), [], {}, [], set()
+    nonfinite, notices, t_start = 0, set(), time.time()
     for step in range(start_step, total_steps):
-        t0 = time.time()
+        progress.start()
         with record_function("dpo_ray.read"):  # waits for the prefetch thread only when it is behind
             table = next(batches)  # this rank's bs x accum pairs of the step, read ahead
         lr = lr_at(step, total_steps, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        m, tokens = train_step(policy, wrapper, optimizer, table, t, config["pad_id"], device, precision, world, fsdp, spec)
-        compiled = wrapper.compile_stats  # train.compile: graphs compiled, seconds, recompiles after the first step
-        if compiled is not None:
-            if compiled.after_warm is None and rank == 0:
-                log.info("train.compile: %d graphs compiled in %.1f s in the first step", compiled.graphs, compiled.seconds)
-            compiled.mark_warm()
+        m, _ = train_step(policy, wrapper, optimizer, table, t, config["pad_id"], device, precision, world, fsdp, spec)
+        compiled = mark_compiled(wrapper.compile_stats, tracker)  # train.compile: graphs, seconds, recompiles
         if m is None:  # non-finite loss or gradient: the update was skipped, the weights stay as they were
             nonfinite += 1
             log.warning("rank %d step %d: non-finite loss or gradient, update skipped (%d in a row)", rank, step + 1, nonfinite)
@@ -305,73 +277,60 @@ def train_loop_per_worker(config: dict) -> None:
         nonfinite = 0
 
         # metrics: means over workers from train_step; peaks: the largest worker's
-        m["learning_rate"] = lr
-        m["world_size"] = world
-        if compiled is not None:
-            m.update(compiled.metrics())
-        if rank == 0:  # which pairs the step trained (over all ranks): the same at any world size, and after any restart
-            m["pairs_digest"] = step_digest(step)
-        if delay:
-            time.sleep(delay)
-        step_times.append(time.time() - t0)
-        m["tokens_per_second"] = m.pop("tokens") / step_times[-1]
-        # honest MFU: the model FLOPs the step executed (prompt once, the head where it runs, attention by the masks)
-        # over the datasheet's dense bf16 peak of every worker's GPU (dpo_ray/flops.py); not on CPUs (no datasheet)
-        m["model_tflops_per_second"] = m["model_flops"] / step_times[-1] / 1e12
-        if peak:
-            m["mfu"] = m["model_flops"] / step_times[-1] / (peak * world)
-        m["step_seconds"] = step_times[-1]
-        peaks = [host_memory_peak_mb(), torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0]
-        if world > 1:  # the largest worker's peaks: host RSS, and allocated GPU memory so far (on the device: NCCL's too)
-            peaks = torch.tensor(peaks, dtype=torch.float64, device=device)
-            dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
-            peaks = peaks.tolist()
-        m["host_memory_peak_mb"] = peaks[0]
-        if device.type == "cuda":
-            m["gpu_peak_memory_mb"] = peaks[1]
+        digest = plan.digest(step)  # rank 0: which pairs the step trained (over all ranks)
+        pacing.wait()  # fault tests only
+        seconds = progress.stop()
+        m = finish_metrics(m, lr, world, seconds, compiled=compiled, digest=digest, peak_flops=peak_flops,
+                           peaks=peak_memory_mb(device, world), cuda=device.type == "cuda")
         loss_first = m["loss"] if loss_first is None else loss_first
         tracker.log_metrics({f"train/{k}": v for k, v in m.items()}, step=step + 1)
-        last = m
-        window.append((m["loss"], m["rewards/accuracies"]))  # since the last report: what a sweep's scheduler compares
-        if rank == 0 and ((step + 1) % t.log_every == 0 or step + 1 == total_steps):
-            recent = step_times[-t.log_every:]
-            eta = (total_steps - step - 1) * sum(recent) / len(recent)
-            log.info("step %d/%d | loss %.4f | rewards chosen %.3f rejected %.3f acc %.2f margin %.3f | grad %.2f | lr %.2e | %.0f tok/s | ETA %dm%02ds",
-                     step + 1, total_steps, m["loss"], m["rewards/chosen"], m["rewards/rejected"], m["rewards/accuracies"],
-                     m["rewards/margins"], m["grad_norm"], lr, m["tokens_per_second"], eta // 60, eta % 60)
-            tracker.flush()
+        window.add(m)  # since the last report: what a sweep's scheduler compares
+        progress.log(step, m, lr)
 
         # checkpoint: every worker writes its part and reports it at the same steps (dpo_ray.checkpoint); also at the
         # first step after a drain notice (a spot node's preemption), so that the restart loses no step
-        noticed = preemption_notice(notices, rank, step + 1, tracker)
+        noticed = preemption_notice(notices, step + 1, tracker)  # a barrier: every rank, every trained step
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == total_steps or noticed is not None:
             tracker.flush()  # the steps up to a checkpoint are in MLflow before it: a restart resumes after them
-            save = lambda d, st: checkpoint.save(d, policy, model, optimizer, st, rank, fsdp, lora, final=step + 1 == total_steps)  # noqa: E731
-            report(save, {"step": step + 1, "loss_first": loss_first, "loss_last": m["loss"], "tokens_per_second": m["tokens_per_second"],
-                          "total_steps": total_steps, "host_memory_peak_mb": m["host_memory_peak_mb"],
-                          "gpu_peak_memory_mb": m.get("gpu_peak_memory_mb"), "compile_seconds": m.get("compile_seconds"), "mfu": m.get("mfu"),
-                          "recompiles": m.get("recompiles"), "train/loss": sum(w[0] for w in window) / len(window),
-                          "train/rewards/accuracies": sum(w[1] for w in window) / len(window)})
-            window = []
+            report(save, {**report_metrics(m, step + 1, total_steps, loss_first), **window.take()})
         if noticed is not None and step + 1 < total_steps:
-            hold_until_restart(noticed, rank)
+            hold_until_restart(noticed, tracker)
     if start_step >= total_steps:  # resumed after the last step: report once so the run has a result
-        save = lambda d, st: checkpoint.save(d, policy, model, optimizer, st, rank, fsdp, lora, final=True)  # noqa: E731
-        report(save, {"step": total_steps, "loss_first": loss_first, "loss_last": last.get("loss"), "total_steps": total_steps})
+        report(save, {"step": total_steps, "loss_first": loss_first, "loss_last": None, "total_steps": total_steps})
     tracker.flush()
     monitor.finish()
-    if rank == 0:
-        log.info("train: done, %d steps in %.0f s", total_steps - start_step, time.time() - t_start)
+    tracker.info("train: done, %d steps in %.0f s", total_steps - start_step, time.time() - t_start)
 
 
-def pairs_digest(positions) -> float:
-    """A step's pairs (their places in the row_id-ordered index) as one number: the first 48 bits of a SHA-1 of the
-    sorted positions, exact in a float64 metric."""
-    data = np.sort(np.asarray(positions, dtype=np.int64)).tobytes()
-    return float(int(hashlib.sha1(data).hexdigest()[:12], 16))
+def resume(resume_from: str | None, policy, model, optimizer, fsdp: bool, lora: bool, plan: StepPlan, tracker: Tracker):
+    """(the step to start at, the run's first loss) from Ray Train's latest checkpoint of this run, else from
+    train.resume_from, else (0, None). A restart of this run (a lost worker or node, a resize) is tagged in MLflow."""
+    restart = ray.train.get_checkpoint()  # Ray's own first
+    ckpt = restart or (ray.train.Checkpoint(resume_from) if resume_from else None)
+    if not ckpt:
+        return 0, None
+    with ckpt.as_directory() as d:
+        state = checkpoint.load(Path(d), policy, model, optimizer, fsdp, lora)
+    step = state["step"]
+    log.info("rank %d: resumed from checkpoint at step %d with %d worker(s)", plan.rank, step, plan.world)
+    if restart:
+        tracker.set_tag(f"restart.step_{step}", f"resumed from the step-{step} checkpoint with {plan.world} worker(s), "
+                                                f"{plan.accum} micro-batch(es) of {plan.bs} pairs each")
+    return step, state.get("loss_first")
 
 
-def preemption_notice(seen: set, rank: int, step: int, tracker) -> float | None:
+def peak_memory_mb(device, world: int) -> list[float]:
+    """The largest worker's peaks so far: host RSS, and allocated GPU memory (0 on CPUs). With several workers an
+    all-reduce, on the device (NCCL's too): every rank calls it once a trained step."""
+    peaks = [host_memory_peak_mb(), torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0]
+    if world > 1:
+        peaks = torch.tensor(peaks, dtype=torch.float64, device=device)
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+        peaks = peaks.tolist()
+    return peaks
+
+
+def preemption_notice(seen: set, step: int, tracker: Tracker) -> float | None:
     """Whether a node of this worker group has been told to drain (a spot node's preemption notice: `ray drain-node`,
     a SIGTERM to its `ray start`, the autoscaler) since the last time: then this step is checkpointed. Ray Train's
     PreemptionWatcher marks the workers; ray.train.get_preemption_info agrees on one answer for all ranks (a barrier:
@@ -382,10 +341,9 @@ def preemption_notice(seen: set, rank: int, step: int, tracker) -> float | None:
     if not nodes or nodes <= seen:
         return None
     seen |= nodes
-    if rank == 0:
-        left = f"{info.deadline_ms / 1000 - time.time():.0f} s before its deadline" if info.deadline_ms else "no deadline given"
-        log.warning("train: node(s) %s of this run are draining (preemption, %s): checkpoint at step %d", ", ".join(sorted(n[:12] for n in nodes)), left, step)
-        tracker.set_tag(f"preempted.step_{step}", f"node(s) {', '.join(sorted(nodes))} draining, {left}: checkpoint at step {step}")
+    left = f"{info.deadline_ms / 1000 - time.time():.0f} s before its deadline" if info.deadline_ms else "no deadline given"
+    tracker.warning("train: node(s) %s of this run are draining (preemption, %s): checkpoint at step %d", ", ".join(sorted(n[:12] for n in nodes)), left, step)
+    tracker.set_tag(f"preempted.step_{step}", f"node(s) {', '.join(sorted(nodes))} draining, {left}: checkpoint at step {step}")
     return info.deadline_ms / 1000 if info.deadline_ms else time.time() + PREEMPTION_DEADLINE_S
 
 
@@ -393,18 +351,16 @@ PREEMPTION_DEADLINE_S = 120.0  # Ray Train's wait for a drain that names no dead
 PREEMPTION_SLACK_S = 30.0  # past the deadline, a group that Ray Train has not restarted trains on
 
 
-def hold_until_restart(deadline: float, rank: int) -> None:
+def hold_until_restart(deadline: float, tracker: Tracker) -> None:
     """After the notice's checkpoint the workers wait for Ray Train to restart them (at the drain's deadline) rather
     than train steps that the restart would throw away: the restart resumes at the notice's step, nothing is trained
     twice. A drain that ends without a restart (cancelled, or the node kept) lets the run train on after the slack."""
     until = deadline + PREEMPTION_SLACK_S
-    if rank == 0:
-        log.info("train: waiting for the restart at the drain's deadline (%.0f s; training goes on after %.0f s if none comes)",
+    tracker.info("train: waiting for the restart at the drain's deadline (%.0f s; training goes on after %.0f s if none comes)",
                  max(0.0, deadline - time.time()), max(0.0, until - time.time()))
     while time.time() < until:
         time.sleep(0.5)
-    if rank == 0:
-        log.warning("train: no restart came %.0f s past the drain's deadline; training goes on", PREEMPTION_SLACK_S)
+    tracker.warning("train: no restart came %.0f s past the drain's deadline; training goes on", PREEMPTION_SLACK_S)
 
 
 def report(save, state: dict) -> None:

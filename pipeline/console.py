@@ -116,36 +116,31 @@ WORKER_NOISE = ("Failed to query Ray Train Controller actor state", "Loading wei
 
 def route_worker_lines(file: logging.Handler | None) -> None:
     """Before ray.init: each line Ray forwards from a worker goes to the log file; WORKER_NOISE lines only there.
+    (A no-op where Ray's printer is absent: pipeline/ray_compat.py.)"""
+    from .ray_compat import wrap_worker_printer
 
-    Ray 2.60 binds `ray._private.worker.print_to_stdstream` as its log handler when the driver connects; this wraps it
-    (a no-op where that function is absent, or when Ray is already running)."""
-    import ray._private.worker as rw
+    def wrap(original):
+        def print_to_stdstream(data, ignore_prefix):
+            lines = data.get("lines") or []
+            if file is not None and data.get("pid") != "autoscaler":  # the autoscaler's status report, every few seconds
+                who = data.get("actor_name") or data.get("task_name") or ""
+                for line in lines:
+                    file.emit(logging.makeLogRecord({"name": "ray.worker", "levelno": logging.INFO, "levelname": "INFO",
+                                                     "msg": f"({who} pid={data.get('pid')}) {line}"}))
+            keep = [line for line in lines if not any(n in line for n in WORKER_NOISE)]
+            if keep:
+                original({**data, "lines": keep}, ignore_prefix)
 
-    original = getattr(rw, "print_to_stdstream", None)
-    original = getattr(original, "_wrapped", original)
-    if original is None:
-        return
+        return print_to_stdstream
 
-    def print_to_stdstream(data, ignore_prefix):
-        lines = data.get("lines") or []
-        if file is not None and data.get("pid") != "autoscaler":  # the autoscaler's status report, every few seconds
-            who = data.get("actor_name") or data.get("task_name") or ""
-            for line in lines:
-                file.emit(logging.makeLogRecord({"name": "ray.worker", "levelno": logging.INFO, "levelname": "INFO",
-                                                 "msg": f"({who} pid={data.get('pid')}) {line}"}))
-        keep = [line for line in lines if not any(n in line for n in WORKER_NOISE)]
-        if keep:
-            original({**data, "lines": keep}, ignore_prefix)
-
-    print_to_stdstream._wrapped = original
-    rw.print_to_stdstream = print_to_stdstream
+    wrap_worker_printer(wrap)
 
 
 def close() -> None:
     """Removes (and closes) the handlers setup() added, and unwraps Ray's worker-line printer."""
-    import ray._private.worker as rw
+    from .ray_compat import unwrap_worker_printer
 
-    rw.print_to_stdstream = getattr(rw.print_to_stdstream, "_wrapped", rw.print_to_stdstream)
+    unwrap_worker_printer()
     for logger in [logging.getLogger()] + [logging.getLogger(n) for n in LIBRARY_LOGGERS]:
         for h in [h for h in logger.handlers if getattr(h, "_dpo_ray", False)]:
             logger.removeHandler(h)

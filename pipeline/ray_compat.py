@@ -11,6 +11,9 @@ them, and one clear error if a Ray release moves them.
   the experiment snapshot instead. Tune writes that snapshot before it stops the trials still running, and a RUNNING
   trial loads back as PENDING, so after an interrupt it gives other statuses than the in-memory trials (which end
   TERMINATED). It also reads every trial's result files again.
+- The printer of the lines Ray forwards from workers to the driver (pipeline/console.py: the run's log file gets them
+  all, the console not Ray's own noise). Ray 2.60 binds ray._private.worker.print_to_stdstream as the driver's handler
+  when it connects; the public choice is all or nothing (ray.init(log_to_driver=...)), with no filter or handler.
 
 Drop a name from here when a public API gives the same answer, and bump the Ray version named above.
 """
@@ -25,12 +28,14 @@ except ImportError as e:  # a Ray release that moved them: say which and where, 
                       f"(dpo-ray is tested with ray==2.60.0, constraints.txt): install that version, or update "
                       f"pipeline/ray_compat.py") from e
 
-__all__ = ["DEFAULT_WORKER_GROUP_START_TIMEOUT_S", "WORKER_GROUP_START_TIMEOUT_S_ENV_VAR", "tune_trial_statuses"]
+__all__ = ["DEFAULT_WORKER_GROUP_START_TIMEOUT_S", "WORKER_GROUP_START_TIMEOUT_S_ENV_VAR", "tune_trial_statuses", "wrap_worker_printer",
+           "unwrap_worker_printer"]
 
 
 def tune_trial_statuses(results) -> dict[str, str]:
-    """trial_id -> Tune's status of each trial in a ray.tune.ResultGrid: TERMINATED, ERROR, or PENDING / RUNNING
-    after an interrupt. These are Tune's in-memory trials as the run left them (see the module docstring)."""
+    """trial_id -> Tune's status of each trial in a ray.tune.ResultGrid (TERMINATED, ERROR; PENDING for a trial not
+    started when the sweep was interrupted): Tune's in-memory trials as the run left them, where a trial still running
+    at an interrupt has been stopped and reads TERMINATED (Ray 2.60's TuneController.cleanup)."""
     try:
         trials = results._experiment_analysis.trials
         return {t.trial_id: t.status for t in trials}
@@ -38,3 +43,25 @@ def tune_trial_statuses(results) -> dict[str, str]:
         raise RuntimeError(f"ray {ray.__version__}: ResultGrid._experiment_analysis.trials (trial_id, status) is gone "
                            f"(dpo-ray is tested with ray==2.60.0, constraints.txt): install that version, or update "
                            f"pipeline/ray_compat.py tune_trial_statuses") from e
+
+
+def wrap_worker_printer(wrap) -> None:
+    """Ray's printer of forwarded worker lines replaced by wrap(the original printer) (called before ray.init, which
+    binds it); a no-op where Ray has no such printer."""
+    import ray._private.worker as rw
+
+    original = getattr(rw, "print_to_stdstream", None)
+    original = getattr(original, "_wrapped", original)
+    if original is None:
+        return
+    printer = wrap(original)
+    printer._wrapped = original
+    rw.print_to_stdstream = printer
+
+
+def unwrap_worker_printer() -> None:
+    """Ray's own printer back in place."""
+    import ray._private.worker as rw
+
+    if hasattr(rw, "print_to_stdstream"):
+        rw.print_to_stdstream = getattr(rw.print_to_stdstream, "_wrapped", rw.print_to_stdstream)

@@ -17,7 +17,7 @@ log = logging.getLogger("dpo_ray")
 
 def trial_rows(results, s) -> list[dict]:
     """One row per trial: id, overrides, status (FINISHED, STOPPED early, ERROR ...), metric, steps, error."""
-    statuses = tune_trial_statuses(results)  # PENDING/RUNNING after an interrupt
+    statuses = tune_trial_statuses(results)  # PENDING: not started before an interrupt
     rows = []
     for r in results:
         m = r.metrics or {}
