@@ -341,3 +341,25 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     terms, cr, rr = loss_terms(spec, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                                chosen_lengths, rejected_lengths)
     return terms[loss_type], cr, rr
+
+
+def pair_inputs(spec, policy: tuple, ref: tuple, lengths: tuple, policy_shared: tuple = (None, None), ref_shared: tuple = (None, None),
+                wpo_logweights: tuple = (None, None)) -> dict:
+    """Per pair, what every loss reads, from (chosen, rejected) sums however they were computed (the train step's
+    forward, or the evaluation's scored columns): policy pc/pr and reference rc/rr (LD-DPO combined with their shared
+    parts when spec.ld_alpha is set), reply lengths lc/lr, the chosen sums without LD-DPO (nll: sft, orpo), WPO
+    weights wc/wr (None without use_weighting)."""
+    alpha = spec.ld_alpha
+    if alpha is not None and ref_shared[0] is None:
+        raise ValueError("train.ld_alpha needs the reference's split sums (ref_*_shared_logps): a reference cache of version >= 3")
+    wc, wr = (w.exp() if w is not None else None for w in wpo_logweights)
+    return {"pc": ld_logps(policy[0], policy_shared[0], alpha), "pr": ld_logps(policy[1], policy_shared[1], alpha),
+            "rc": ld_logps(ref[0], ref_shared[0], alpha), "rr": ld_logps(ref[1], ref_shared[1], alpha),
+            "lc": lengths[0], "lr": lengths[1], "nll": policy[0], "wc": wc, "wr": wr}
+
+
+def pair_losses(spec, x: dict, tokens_per_pair=None):
+    """(per-pair loss: sum_k weight_k term_k, {type: per-pair term}, chosen rewards, rejected rewards) of pair_inputs."""
+    terms, cr, rr = loss_terms(spec, x["pc"], x["pr"], x["rc"], x["rr"], x["lc"], x["lr"], nll_chosen=x["nll"],
+                               tokens_per_pair=tokens_per_pair, wc=x["wc"], wr=x["wr"])
+    return combine(spec, terms), terms, cr, rr

@@ -33,7 +33,7 @@ from .bookkeeping import (Pacing, Progress, ReportWindow, StepPlan, Tracker, fin
 from .config import Config
 from .flops import batch_flops, datasheet_peak
 from .forward import autocast, use_bf16
-from .losses import combine, ld_logps, loss_terms
+from .losses import pair_inputs, pair_losses
 from .metrics import NAMES, metric_vector
 from .packing import token_budget_groups
 from .rows import RowIndex, RowReader, as_lists, prefetched
@@ -81,28 +81,14 @@ def loss_extras(spec) -> tuple[str, ...]:
 
 
 def pair_logps(out, batch: dict, spec) -> dict:
-    """The forward's (2B,) outputs -> per pair (B,): policy pc/pr and reference rc/rr (LD-DPO combined when
-    spec.ld_alpha is set), reply lengths lc/lr, the chosen sums without LD-DPO (nll: sft, orpo), WPO weights wc/wr."""
+    """The forward's (2B,) outputs and the batch's cached reference sums -> per pair (B,): losses.pair_inputs."""
     logps, counts, extras = out if len(out) == 3 else (*out, {})
     b = len(batch["ref_chosen_logps"])
-    alpha, shared = spec.ld_alpha, extras.get("shared")
-    ref_shared = (batch.get("ref_chosen_shared_logps"), batch.get("ref_rejected_shared_logps"))
-    if alpha is not None and ref_shared[0] is None:
-        raise ValueError("train.ld_alpha needs the reference's split sums (ref_*_shared_logps): a reference cache of version >= 3")
-    x = {"pc": ld_logps(logps[:b], shared[:b] if shared is not None else None, alpha),
-         "pr": ld_logps(logps[b:], shared[b:] if shared is not None else None, alpha),
-         "rc": ld_logps(batch["ref_chosen_logps"], ref_shared[0], alpha), "rr": ld_logps(batch["ref_rejected_logps"], ref_shared[1], alpha),
-         "lc": counts[:b], "lr": counts[b:], "nll": logps[:b], "wc": None, "wr": None}
-    if "wpo" in extras:
-        x["wc"], x["wr"] = extras["wpo"][:b].exp(), extras["wpo"][b:].exp()
-    return x
-
-
-def pair_losses(spec, x: dict, tokens_per_pair):
-    """(per-pair loss: sum_k weight_k term_k, {type: per-pair term}, chosen rewards, rejected rewards) of pair_logps."""
-    terms, cr, rr = loss_terms(spec, x["pc"], x["pr"], x["rc"], x["rr"], x["lc"], x["lr"], nll_chosen=x["nll"],
-                               tokens_per_pair=tokens_per_pair, wc=x["wc"], wr=x["wr"])
-    return combine(spec, terms), terms, cr, rr
+    shared, wpo = extras.get("shared"), extras.get("wpo")
+    return pair_inputs(spec, (logps[:b], logps[b:]), (batch["ref_chosen_logps"], batch["ref_rejected_logps"]), (counts[:b], counts[b:]),
+                       policy_shared=(shared[:b], shared[b:]) if shared is not None else (None, None),
+                       ref_shared=(batch.get("ref_chosen_shared_logps"), batch.get("ref_rejected_shared_logps")),
+                       wpo_logweights=(wpo[:b], wpo[b:]) if wpo is not None else (None, None))
 
 
 def micro_loss(policy, batch: dict, spec, step_pairs: int, tokens_per_pair, precision=nullcontext()):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dpo_ray.losses import combine, ld_logps, loss_terms
+from dpo_ray.losses import pair_inputs, pair_losses
 from dpo_ray.metrics import dpo_metrics, pair_accuracies
 from dpo_ray.model import load_tokenizer
 
@@ -68,18 +68,17 @@ def batch_metrics(cfg, df, use_gpu: bool):
     pairs of this batch (EVAL_BATCH), as TRL's see an eval batch."""
     col = lambda k: torch.tensor(df[k].to_numpy(), dtype=torch.float64) if k in df else None  # noqa: E731
     lengths = lambda k: torch.tensor([int(sum(m[1:])) for m in df[k]], dtype=torch.float64)  # noqa: E731
+    both = lambda name: tuple(col(name.format(side)) for side in ("chosen", "rejected"))  # noqa: E731
     t, spec = cfg.train, cfg.train.loss
-    alpha = spec.ld_alpha
-    lc, lr = lengths("chosen_loss_mask"), lengths("rejected_loss_mask")
-    ld = lambda who, side: ld_logps(col(f"{who}_{side}_logps"), col(f"{who}_{side}_shared_logps"), alpha)  # noqa: E731
-    pc, pr, rc, rr = ld("policy", "chosen"), ld("policy", "rejected"), ld("ref", "chosen"), ld("ref", "rejected")
-    wc, wr = (col(f"policy_{side}_wpo_logweight").exp() if spec.use_weighting else None for side in ("chosen", "rejected"))
-    terms, cr, rr_ = loss_terms(spec, pc, pr, rc, rr, lc, lr, nll_chosen=col("policy_chosen_logps"), wc=wc, wr=wr)
+    x = pair_inputs(spec, both("policy_{}_logps"), both("ref_{}_logps"), (lengths("chosen_loss_mask"), lengths("rejected_loss_mask")),
+                    policy_shared=both("policy_{}_shared_logps"), ref_shared=both("ref_{}_shared_logps"),
+                    wpo_logweights=both("policy_{}_wpo_logweight") if spec.use_weighting else (None, None))
+    per_pair, terms, cr, rr_ = pair_losses(spec, x)  # the same loss as the train step's (dpo_ray.losses)
     tie = TIE_TOLERANCE + (BF16_TIE_RELATIVE * t.beta * (col("ref_chosen_logps").abs() + col("ref_rejected_logps").abs())
                            if scoring_bf16(cfg, use_gpu) else 0.0)
-    m = dpo_metrics(cr, rr_, pc, pr, tie_tolerance=tie)
+    m = dpo_metrics(cr, rr_, x["pc"], x["pr"], tie_tolerance=tie)
     margins = cr - rr_
-    losses = {"loss": combine(spec, terms).mean().item(), **({f"loss/{k}": v.mean().item() for k, v in terms.items()} if len(terms) > 1 else {})}
+    losses = {"loss": per_pair.mean().item(), **({f"loss/{k}": v.mean().item() for k, v in terms.items()} if len(terms) > 1 else {})}
     return {**losses, **m}, margins.numpy(), pair_accuracies(margins, tie).numpy()  # what rewards/accuracies averages
 
 
