@@ -61,10 +61,11 @@ def shared_part(cfg: Config, ctx: Context, stages: tuple[str, ...], skip=None) -
 
 
 def trained_part(cfg: Config, ctx: Context, shared: Shared, tracker, stages: tuple[str, ...] = ("train", "evaluate"),
-                 name: str | None = None, callbacks: list | None = None) -> tuple[dict, Evaluation | None, bool]:
+                 name: str | None = None, callbacks: list | None = None, log_the_model: bool = True) -> tuple[dict, Evaluation | None, bool]:
     """Train and export (with "train"), evaluate and log the model (with "evaluate"), the curves; returns (the
     summary's train/model_dir/eval entries, the evaluation, whether MLflow holds the model). `name` and `callbacks`:
-    a sweep trial's Ray Train run name and Tune's report callback."""
+    a sweep trial's Ray Train run name and Tune's report callback; `log_the_model` false: a sweep trial whose model
+    is not kept (its best is logged when registered: a 7B's weights are not copied to MLflow once per trial)."""
     lora = cfg.train.lora
     summary: dict = {}
     model_dir = ctx.out_dir / ("adapter" if lora and not lora.merge else "model")
@@ -78,7 +79,7 @@ def trained_part(cfg: Config, ctx: Context, shared: Shared, tracker, stages: tup
         evaluation = evaluate.evaluate_policy(cfg, ctx, shared.ref, model_dir, shared.baseline)
         log_evaluation(tracker, evaluation, step=summary.get("train", {}).get("steps") or 0)
         summary.update(evaluation.summary())
-        logged = log_model(cfg, tracker, model_dir, ctx.out_dir)
+        logged = log_model(cfg, tracker, model_dir, ctx.out_dir) if log_the_model else False
     if "train" in stages:
         plot_curves(tracker, ctx.out_dir / "curves.png")
     return summary, evaluation, logged

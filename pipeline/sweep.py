@@ -27,7 +27,7 @@ from .context import Context, check_output_dir, preflight, resolve
 from .evaluate import Evaluation
 from .export import replace_dir
 from .lease import naming_run
-from .mlflow_run import child_run, fail_run, finish_run, masked_yaml, parent_run
+from .mlflow_run import child_run, fail_run, finish_run, log_model, masked_yaml, parent_run
 from .placement import ResourceError
 from .runtime import DATA_HEADROOM_CPUS, SetupError, check_memory, plan_resources, ray_runtime, setup_logging
 from .space import expected_trials, group_key, param_space, parse_grid, parse_sample, stage_values, trial_configs
@@ -61,7 +61,8 @@ def trial(overrides: dict, ctx: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = child_run(cfg, run_ctx, shared.prepared, shared.ref, ctx["parent_run_id"], trial_id, overrides)
     try:
-        part, evaluation, logged = sequence.trained_part(cfg, run_ctx, shared, tracker, name=trial_id, callbacks=[TuneReportCallback()])
+        part, evaluation, logged = sequence.trained_part(cfg, run_ctx, shared, tracker, name=trial_id, callbacks=[TuneReportCallback()],
+                                                         log_the_model=cfg.sweep.keep_models)
         summary = {"trial_id": trial_id, "overrides": overrides, "mlflow_run_id": tracker.run_id, **part, "mlflow_model_logged": logged}
         finish_run(cfg, tracker, summary, out_dir)
     except BaseException as e:
@@ -264,7 +265,7 @@ def run_tuner(cfg: Config, space: dict, ctx: dict, out_dir: Path, use_gpu: bool)
 
 def export_best(cfg: Config, ctx: Context, groups: dict, best: dict, out_dir: Path) -> dict:
     """<output_dir>/best/{model,summary.json,config.yaml}; with registry.name the champion/challenger gate on the best
-    trial's own run (its model logged there by the trial)."""
+    trial's own run (its model logged there: by the trial with keep_models, else now)."""
     trial_dir = out_dir / "trials" / best["trial_id"]
     tsum = json.loads((trial_dir / "summary.json").read_text())
     bcfg = with_overrides({**cfg.model_dump(), "output_dir": str(trial_dir)}, best["overrides"])
@@ -281,7 +282,8 @@ def export_best(cfg: Config, ctx: Context, groups: dict, best: dict, out_dir: Pa
         tracker = RunLogger(ctx.uri, tsum["mlflow_run_id"])
         g = groups[group_key(bcfg)]
         evaluation = Evaluation({f"eval/{k}": v for k, v in tsum["eval"].items()})
+        logged = tsum.get("mlflow_model_logged") or log_model(bcfg, tracker, best_dir / model_name, trial_dir)  # not kept: logged now
         out["registry"] = sequence.registration(bcfg, dataclasses.replace(g["ctx"], out_dir=trial_dir), g["shared"], tracker,
-                                                evaluation, tsum.get("mlflow_model_logged", True))
+                                                evaluation, logged)
         tracker.flush()
     return out
