@@ -20,23 +20,21 @@ log = logging.getLogger("dpo_ray")
 
 
 class Tracker:
-    """The run's MLflow logger and the console, as rank 0 has them: on every other rank each call does nothing (there
-    the logger is already tracking.NoLogger), as nanochat's print0 and DummyWandb do."""
+    """The run's MLflow logger and the console, as rank 0 has them: on every other rank each call does nothing (the
+    logger is tracking.NoLogger there: run_logger(enabled=rank == 0); the lines are rank 0's), as nanochat's print0
+    and DummyWandb do."""
 
     def __init__(self, logger, rank: int):
         self.logger, self.rank0 = logger, rank == 0
 
     def set_tag(self, key: str, value: str) -> None:
-        if self.rank0:
-            self.logger.set_tag(key, value)
+        self.logger.set_tag(key, value)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.rank0:
-            self.logger.log_metrics(metrics, step=step)
+        self.logger.log_metrics(metrics, step=step)
 
     def flush(self) -> None:
-        if self.rank0:
-            self.logger.flush()
+        self.logger.flush()
 
     def info(self, msg: str, *args) -> None:
         if self.rank0:

@@ -280,7 +280,7 @@ def train_loop_per_worker(config: dict) -> None:
             tracker.flush()  # the steps up to a checkpoint are in MLflow before it: a restart resumes after them
             report(save, {**report_metrics(m, step + 1, total_steps, loss_first), **window.take()})
         if noticed is not None and step + 1 < total_steps:
-            hold_until_restart(noticed, tracker)
+            hold_until_restart(noticed, t.preemption_lead_s, tracker)
     if start_step >= total_steps:  # resumed after the last step: report once so the run has a result
         report(save, {"step": total_steps, "loss_first": loss_first, "loss_last": None, "total_steps": total_steps})
     tracker.flush()
@@ -337,13 +337,14 @@ PREEMPTION_DEADLINE_S = 120.0  # Ray Train's wait for a drain that names no dead
 PREEMPTION_SLACK_S = 30.0  # past the deadline, a group that Ray Train has not restarted trains on
 
 
-def hold_until_restart(deadline: float, tracker: Tracker) -> None:
-    """After the notice's checkpoint the workers wait for Ray Train to restart them (at the drain's deadline) rather
-    than train steps that the restart would throw away: the restart resumes at the notice's step, nothing is trained
-    twice. A drain that ends without a restart (cancelled, or the node kept) lets the run train on after the slack."""
+def hold_until_restart(deadline: float, lead: float, tracker: Tracker) -> None:
+    """After the notice's checkpoint the workers wait for Ray Train to restart them (`lead` seconds before the drain's
+    deadline: train.preemption_lead_s) rather than train steps that the restart would throw away: the restart resumes
+    at the notice's step, nothing is trained twice. A drain that ends without a restart (cancelled, or the node kept)
+    lets the run train on after the slack."""
     until = deadline + PREEMPTION_SLACK_S
-    tracker.info("train: waiting for the restart at the drain's deadline (%.0f s; training goes on after %.0f s if none comes)",
-                 max(0.0, deadline - time.time()), max(0.0, until - time.time()))
+    tracker.info("train: waiting for the restart %.0f s before the drain's deadline (in %.0f s; training goes on after %.0f s if none comes)",
+                 lead, max(0.0, deadline - lead - time.time()), max(0.0, until - time.time()))
     while time.time() < until:
         time.sleep(0.5)
     tracker.warning("train: no restart came %.0f s past the drain's deadline; training goes on", PREEMPTION_SLACK_S)

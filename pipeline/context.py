@@ -8,7 +8,6 @@ Every stage is `stage(cfg, ctx, upstream) -> artifact`; a sweep's trial or group
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -23,8 +22,6 @@ from .artifacts import resolve_data_files
 from .lease import model_claim
 from .runtime import SetupError, check_memory, plan_resources
 from .storage import StorageError, model_root, open_location, redact
-
-log = logging.getLogger("dpo_ray")
 
 
 @dataclass
@@ -56,9 +53,7 @@ class Context:
     def for_config(self, cfg: Config, rejects_file: Path | None = None) -> "Context":
         """This context for another config of the same run (a sweep's group or trial): its models resolved (cached),
         its output_dir; the cluster plan kept."""
-        policy = resolve(cfg.model.policy, self.uri, self.cache)
-        ref = resolve(cfg.model.reference, self.uri, self.cache) if cfg.model.reference else policy
-        tok = resolve(cfg.model.tokenizer, self.uri, self.cache) if cfg.model.tokenizer else policy
+        policy, ref, tok = resolve_models(cfg, self.uri, self.cache)
         out = Path(cfg.output_dir).resolve()
         same = tok == self.tokenizer_path
         return dataclasses.replace(self, out_dir=out, policy_path=policy, reference_path=ref, tokenizer_path=tok,
@@ -107,6 +102,14 @@ def resolve(name: str, uri: str | None, cache: Path) -> str:
     return resolve_model(name, cache, claim=model_claim)
 
 
+def resolve_models(cfg: Config, uri: str | None, cache: Path) -> tuple[str, str, str]:
+    """(policy, reference, tokenizer) as local directories; the reference and the tokenizer default to the policy."""
+    policy = resolve(cfg.model.policy, uri, cache)
+    reference = resolve(cfg.model.reference, uri, cache) if cfg.model.reference else policy
+    tokenizer = resolve(cfg.model.tokenizer, uri, cache) if cfg.model.tokenizer else policy
+    return policy, reference, tokenizer
+
+
 def check_judge(cfg: Config) -> None:
     """eval.judge, checked before any model work: the function importable here, the reward model a local directory."""
     j = cfg.eval.judge
@@ -126,9 +129,7 @@ def preflight(cfg: Config, stages: tuple[str, ...]) -> Context:
         check_reachable(uri)
     check_cache_dir(cfg.cache_dir)
     cache = model_root(cfg.cache_dir, cfg.output_dir)  # models stay local: cache_dir, or output_dir when it is a URI
-    policy_path = resolve(cfg.model.policy, uri, cache)
-    reference_path = resolve(cfg.model.reference, uri, cache) if cfg.model.reference else policy_path
-    tokenizer_path = resolve(cfg.model.tokenizer, uri, cache) if cfg.model.tokenizer else policy_path
+    policy_path, reference_path, tokenizer_path = resolve_models(cfg, uri, cache)
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code, cfg.model.hf_token)
     if "evaluate" in stages:
         check_judge(cfg)
