@@ -62,12 +62,15 @@ def prompts_digest(prompts: list[dict]) -> str:
     return h.hexdigest()
 
 
-def generate_replies(cfg, prompts: list[dict], model_path: str, tokenizer_path: str, who: str, use_gpu: bool) -> tuple[pd.DataFrame, dict]:
+def generate_replies(cfg, prompts: list[dict], model_path: str, tokenizer_path: str, who: str, use_gpu: bool,
+                     settings=None) -> tuple[pd.DataFrame, dict]:
     """(one row per prompt: row_id, reply, tokens, stopped; {tokens, seconds, tokens_per_second}) from `model_path`.
-    Batches of eval.generate.batch_size prompts, fixed here (not by Ray Data's blocks), so sampling is reproducible."""
+    Batches of eval.generate.batch_size prompts, fixed here (not by Ray Data's blocks), so sampling is reproducible.
+    `settings`: a dpo_ray.generation.Settings other than eval.generate's (iterate's sampling)."""
     import ray
 
     g, r = cfg.eval.generate, cfg.reference
+    s = settings or settings_of(g)
     size = g.batch_size
     batches = [{"row_ids": [p["row_id"] for p in prompts[i:i + size]], "prompt_ids": [p["prompt_ids"] for p in prompts[i:i + size]],
                 "batch_index": i // size} for i in range(0, len(prompts), size)]
@@ -75,12 +78,12 @@ def generate_replies(cfg, prompts: list[dict], model_path: str, tokenizer_path: 
                        cfg.cluster.wait_for_resources_s)  # what the cluster holds now
     ds = ray.data.from_items(batches, override_num_blocks=len(batches)).map_batches(
         Generator, fn_constructor_kwargs=dict(model_path=model_path, tokenizer_path=tokenizer_path, prefix="",
-                                              settings=settings_of(g).__dict__, trust_remote_code=cfg.model.trust_remote_code,
+                                              settings=s.__dict__, trust_remote_code=cfg.model.trust_remote_code,
                                               token=cfg.model.hf_token, bf16=scoring_bf16(cfg, use_gpu)),
         batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         num_cpus=r.cpus_per_actor, num_gpus=1 if use_gpu else 0)
-    log.info("generate: %s: %d prompts, up to %d new tokens each (%s), on %d actor(s)", who, len(prompts), g.max_new_tokens,
-             f"sampled, temperature {g.temperature:g}, top_p {g.top_p:g}, seed {g.seed}" if g.do_sample else "greedy", actors)
+    log.info("generate: %s: %d prompts, up to %d new tokens each (%s), on %d actor(s)", who, len(prompts), s.max_new_tokens,
+             f"sampled, temperature {s.temperature:g}, top_p {s.top_p:g}, seed {s.seed}" if s.do_sample else "greedy", actors)
     t0, last, parts, tokens, gen_seconds = time.time(), 0.0, [], 0, 0.0
     for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
         parts.append(batch)
@@ -113,24 +116,50 @@ def reference_replies(cfg, prompts: list[dict], reference_path: str, tokenizer_p
     return df, False
 
 
-def judge(cfg, table: pd.DataFrame, use_gpu: bool) -> pd.DataFrame:
-    """judge_policy, judge_reference, judge_error (and verdict) columns, from eval.judge on a Ray Data actor pool. More
-    failed prompts than data.max_bad_fraction of them stop the stage with the first failure's message."""
+def judge_name(j) -> str:
+    return f"function {j.function}" if j.function else f"reward model {j.reward_model}"
+
+
+def score_replies(cfg, rows: pd.DataFrame, use_gpu: bool) -> pd.DataFrame:
+    """`rows` (any key columns, `prompt_json`, `reply`) with `score` (NaN where the judge failed) and `error` ("" or what
+    raised) added, in the same order: eval.judge's pointwise judge on a Ray Data actor pool (one GPU per actor for a
+    reward model where there are GPUs). Counting failures is the caller's (see check_failures)."""
     import ray
 
     j = cfg.eval.judge
-    rows = [{"row_id": r.row_id, "who": who, "prompt_json": r.prompt_json, "reply": getattr(r, who)}
-            for r in table.itertuples() for who in ("policy", "reference")]
     if j.function:
-        fn, kwargs, gpus, what = FunctionJudge, {"spec": j.function}, 0, f"function {j.function}"
+        fn, kwargs, gpus = FunctionJudge, {"spec": j.function}, 0
     else:
-        fn, kwargs, gpus, what = RewardModelJudge, {"path": j.reward_model, "trust_remote_code": cfg.model.trust_remote_code,
-                                                    "token": cfg.model.hf_token}, (1 if use_gpu else 0), f"reward model {j.reward_model}"
+        fn, kwargs, gpus = RewardModelJudge, {"path": j.reward_model, "trust_remote_code": cfg.model.trust_remote_code,
+                                              "token": cfg.model.hf_token}, (1 if use_gpu else 0)
     plan_pool("judge", "judge actor", actor_resources(cfg.reference.cpus_per_actor, gpus), 1, cfg.cluster.wait_for_resources_s)
-    log.info("judge: scoring %d replies with the %s", len(rows), what)
-    out = ray.data.from_items(rows).map_batches(fn, fn_constructor_kwargs=kwargs, batch_size=j.batch_size, batch_format="pandas",
-                                                compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.reference.cpus_per_actor,
-                                                num_gpus=gpus).to_pandas()
+    log.info("judge: scoring %d replies with the %s", len(rows), judge_name(j))
+    items = [{"index": i, "prompt_json": str(p), "reply": str(r)} for i, (p, r) in enumerate(zip(rows.prompt_json, rows.reply))]
+    out = ray.data.from_items(items).map_batches(fn, fn_constructor_kwargs=kwargs, batch_size=j.batch_size, batch_format="pandas",
+                                                 compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.reference.cpus_per_actor,
+                                                 num_gpus=gpus).to_pandas().sort_values("index")
+    rows = rows.reset_index(drop=True).copy()
+    rows["score"], rows["error"] = out.score.astype(float).to_numpy(), out.error.astype(str).to_numpy()
+    return rows
+
+
+def check_failures(cfg, errors: list[tuple[str, str]], total: int, what: str) -> None:
+    """errors: (row, message) of the prompts the judge failed on, of `total`: a warning naming the first; more than
+    data.max_bad_fraction of them stop the stage (JudgeError)."""
+    if not errors:
+        return
+    log.warning("judge: the %s failed on %d of %d prompts (the first: row %s, %s)", what, len(errors), total, *errors[0])
+    if len(errors) > cfg.data.max_bad_fraction * total:
+        raise JudgeError(f"eval.judge: the {what} failed on {len(errors)} of {total} prompts, more than data.max_bad_fraction="
+                         f"{cfg.data.max_bad_fraction:g} allows; the first: row {errors[0][0]}, {errors[0][1]}")
+
+
+def judge(cfg, table: pd.DataFrame, use_gpu: bool) -> pd.DataFrame:
+    """judge_policy, judge_reference, judge_error (and verdict) columns, from eval.judge on a Ray Data actor pool. More
+    failed prompts than data.max_bad_fraction of them stop the stage with the first failure's message."""
+    rows = pd.DataFrame([{"row_id": r.row_id, "who": who, "prompt_json": r.prompt_json, "reply": getattr(r, who)}
+                         for r in table.itertuples() for who in ("policy", "reference")])
+    out = score_replies(cfg, rows, use_gpu)
     scores = {(r.row_id, r.who): (float(r.score), r.error) for r in out.itertuples()}
     table = table.copy()
     for who in ("policy", "reference"):
@@ -140,13 +169,7 @@ def judge(cfg, table: pd.DataFrame, use_gpu: bool) -> pd.DataFrame:
     table["judge_error"] = errors
     v = [verdict(p, r) for p, r in zip(table.judge_policy, table.judge_reference)]
     table["verdict"] = ["" if x is None else "policy" if x == 1 else "reference" if x == 0 else "tie" for x in v]
-    failed = [(rid, e) for rid, e in zip(table.row_id, errors) if e]
-    if failed:
-        limit = cfg.data.max_bad_fraction * len(table)
-        log.warning("judge: the %s failed on %d of %d prompts (the first: row %s, %s)", what, len(failed), len(table), *failed[0])
-        if len(failed) > limit:
-            raise JudgeError(f"eval.judge: the {what} failed on {len(failed)} of {len(table)} prompts, more than data.max_bad_fraction="
-                             f"{cfg.data.max_bad_fraction:g} allows; the first: row {failed[0][0]}, {failed[0][1]}")
+    check_failures(cfg, [(rid, e) for rid, e in zip(table.row_id, errors) if e], len(table), judge_name(cfg.eval.judge))
     return table
 
 
