@@ -297,23 +297,62 @@ class GenerateConfig(_Strict):
     batch_size: int = Field(16, ge=1, description="prompts per batched generate call (left padded, with the KV cache)")
 
 
+PAIRWISE_PROMPT = (
+    "Which response answers the question better: more helpful, correct and clear?\n\n"
+    "Question:\n{prompt}\n\nResponse A:\n{a}\n\nResponse B:\n{b}\n\n"
+    "Answer with a single letter, A or B.")
+
+
 class JudgeConfig(_Strict):
-    """Scores each reply; eval/win_rate is the fraction of prompts where the policy's reply scores higher (ties 0.5).
-    Exactly one of reward_model and function."""
+    """Judges the replies; eval/win_rate is the share of prompts where the policy's reply is judged better (ties 0.5),
+    with a 95% interval and a sign test. Exactly one of reward_model and function (pointwise: a score per reply) and
+    pairwise_model and pairwise_function (pairwise: which of two replies is better, asked in both orders)."""
 
     reward_model: str | None = Field(None, description=(
         "a local Hugging Face sequence-classification reward model (its own tokenizer and chat template) scoring (prompt, reply)"))
     function: str | None = Field(None, description=(
         "module:callable, (prompt: str, reply: str) -> float, imported in the workers: it runs code the config names, "
         "like trust_remote_code; prompt is the last user message"))
-    batch_size: int = Field(16, ge=1, description="replies per judge call (reward model forward)")
+    pairwise_model: str | None = Field(None, description=(
+        "a local Hugging Face chat model asked through its chat template and pairwise_prompt which of two replies is better; "
+        "the verdict is P(label A) / (P(A) + P(B)) at the next token, no sampling, asked in both orders and averaged"))
+    pairwise_function: str | None = Field(None, description=(
+        "module:callable, (prompt: str, a: str, b: str) -> float in [0, 1], the probability that a is the better reply; "
+        "called in both orders and averaged; it runs code the config names"))
+    pairwise_prompt: str = Field(PAIRWISE_PROMPT, description=(
+        "pairwise_model's user message, with {prompt}, {a} and {b}; it must ask for one of pairwise_labels"))
+    pairwise_labels: tuple[str, str] = Field(("A", "B"), description=(
+        "the two answers pairwise_model's next token is read for (each must be one token of its tokenizer, or start one)"))
+    max_length: int = Field(4096, ge=16, description="reward_model / pairwise_model: the most tokens a judged text may have (cut from the left)")
+    batch_size: int = Field(16, ge=1, description="replies (pairs of replies) per judge call")
+
+    @property
+    def pairwise(self) -> bool:
+        return self.pairwise_model is not None or self.pairwise_function is not None
+
+    @property
+    def kind(self) -> str:
+        """'function my_rules:score', 'reward model PATH', 'pairwise model PATH' or 'pairwise function m:f'."""
+        for key in ("function", "reward_model", "pairwise_model", "pairwise_function"):
+            if getattr(self, key) is not None:
+                return f"{key.replace('_', ' ')} {getattr(self, key)}"
+        return "no judge"
 
     @model_validator(mode="after")
     def _one_judge(self) -> "JudgeConfig":
-        if (self.reward_model is None) == (self.function is None):
-            raise ValueError("eval.judge: set exactly one of reward_model (a local HF reward model) and function (module:callable)")
-        if self.function is not None and (":" not in self.function or not all(self.function.split(":", 1))):
-            raise ValueError(f"eval.judge.function: expected module:callable, e.g. my_rewards:score (got {self.function!r})")
+        keys = ("reward_model", "function", "pairwise_model", "pairwise_function")
+        if sum(getattr(self, k) is not None for k in keys) != 1:
+            raise ValueError("eval.judge: set exactly one of reward_model (a local HF reward model), function (module:callable), "
+                             "pairwise_model (a local HF chat model) and pairwise_function (module:callable)")
+        for key in ("function", "pairwise_function"):
+            spec = getattr(self, key)
+            if spec is not None and (":" not in spec or not all(spec.split(":", 1))):
+                raise ValueError(f"eval.judge.{key}: expected module:callable, e.g. my_rewards:score (got {spec!r})")
+        missing = [f for f in ("{prompt}", "{a}", "{b}") if f not in self.pairwise_prompt]
+        if self.pairwise_model is not None and missing:
+            raise ValueError(f"eval.judge.pairwise_prompt: it must contain {', '.join(missing)} (the prompt and the two replies)")
+        if len(set(self.pairwise_labels)) != 2 or not all(label.strip() for label in self.pairwise_labels):
+            raise ValueError(f"eval.judge.pairwise_labels: two different non-blank labels (got {list(self.pairwise_labels)})")
         return self
 
 
@@ -338,6 +377,10 @@ class RegistryConfig(_Strict):
     metric: Literal["rewards/accuracies", "rewards/margins", "win_rate"] = Field("rewards/accuracies", description=(
         "the eval metric that decides between challenger and champion; win_rate needs eval.judge"))
     min_improvement: float = Field(0.0, description="the challenger takes the champion alias only if better by at least this")
+    min_confidence: float = Field(0.95, ge=0, lt=1, description=(
+        "the challenger is promoted only when the lower end of this two-sided interval clears the bar: win_rate, the challenger "
+        "judged against the champion prompt by prompt, above 0.5 (+ min_improvement); accuracies and margins, the paired "
+        "bootstrap of their difference over the held-out pairs, above min_improvement; 0: the point estimates alone"))
 
 
 class SweepConfig(_Strict):
