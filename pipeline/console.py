@@ -187,13 +187,15 @@ def summary_lines(summary: dict) -> list[str]:
         base = f" (the reference: {ref['rewards/accuracies']:.3f})" if "rewards/accuracies" in ref else ""
         lines.append(f"eval: reward accuracy {ev['rewards/accuracies']:.3f}{base}, margin {ev.get('rewards/margins', float('nan')):.3f}")
     if "generation/prompts" in ev:
-        win = (f": win rate {ev['win_rate']:.3f} over the reference by the judge (means: policy {ev.get('judge/policy_mean', float('nan')):.3f}, "
-               f"reference {ev.get('judge/reference_mean', float('nan')):.3f})" if "win_rate" in ev else "")
+        nan = float("nan")
+        win = (f": win rate {ev['win_rate']:.3f} [{ev.get('win_rate_ci_low', nan):.3f}, {ev.get('win_rate_ci_high', nan):.3f}] over the reference "
+               f"by the judge, p {ev.get('win_rate_p', nan):.3g} (95% interval; sign test against 0.5)" if "win_rate" in ev else "")
         lines.append(f"generations: {ev['generation/prompts']:.0f} prompts, {ev['generation/length_policy']:.1f} tokens a reply "
                      f"(the reference: {ev['generation/length_reference']:.1f}){win} -> eval_generations.json in the MLflow run")
     if summary.get("registry"):
         r = summary["registry"]
-        lines.append(f"registry: {r.get('decision')}" + (f" (version {r['challenger_version']})" if r.get("challenger_version") else ""))
+        lines.append(f"registry: {r.get('decision')}" + (f" (version {r['challenger_version']})" if r.get("challenger_version") else "")
+                     + (f": {r['reason']}" if r.get("reason") else ""))
     if summary.get("model_dir"):
         lines.append(f"model: {summary['model_dir']}")
     if summary.get("output_dir"):

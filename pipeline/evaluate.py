@@ -34,10 +34,11 @@ TABLE_ROWS = 2000  # pairs in the eval_pairs table: those the model gets most wr
 EVAL_BATCH = 1024  # scored pairs per batch read back
 
 
-def evaluate_model(cfg, ref: Reference, model_path: str | None, tokenizer_path: str, use_gpu: bool, pairs: bool = False):
-    """eval/... metrics of a model; with pairs=True also (metrics, the per-pair table of the TABLE_ROWS pairs the model
-    gets most wrong, see pair_table). Streamed: the scored split is read in batches, the metrics are sums over them.
-    model_path None: the reference's own check, from the cached check_* columns (no model loaded)."""
+def evaluate_model(cfg, ref: Reference, model_path: str | None, tokenizer_path: str, use_gpu: bool, pairs: bool = False, per_pair: bool = False):
+    """eval/... metrics of a model; with pairs or per_pair: (metrics, the per-pair table of the TABLE_ROWS pairs the model
+    gets most wrong (see pair_table) or None, every pair's row_id, prefers_chosen and reward_margin sorted by row_id
+    (what the registry's paired bootstrap compares) or None). Streamed: the scored split is read in batches, the metrics
+    are sums over them. model_path None: the reference's own check, from the cached check_* columns (no model loaded)."""
     wpo = cfg.train.use_weighting
     ds = read_split(ref.parts, "eval", ref.drop_ids)
     if model_path is None:
@@ -46,9 +47,9 @@ def evaluate_model(cfg, ref: Reference, model_path: str | None, tokenizer_path: 
         ds = score(ds, model_path, tokenizer_path, "policy_", cfg, use_gpu, wpo=wpo)
     logps = [f"{who}_{side}_{kind}" for who in ("policy", "ref") for side in ("chosen", "rejected") for kind in ("logps", "shared_logps")]
     keep = logps + ["chosen_loss_mask", "rejected_loss_mask"] + (["policy_chosen_wpo_logweight", "policy_rejected_wpo_logweight"] if wpo else [])
-    sums, n, worst = {}, 0, None
-    for batch in ds.select_columns(keep + (["row_id", "chosen_input_ids", "rejected_input_ids"] if pairs else [])).iter_batches(
-            batch_format="pandas", batch_size=EVAL_BATCH):
+    keep += (["row_id"] if pairs or per_pair else []) + (["chosen_input_ids", "rejected_input_ids"] if pairs else [])
+    sums, n, worst, every = {}, 0, None, []
+    for batch in ds.select_columns(keep).iter_batches(batch_format="pandas", batch_size=EVAL_BATCH):
         m, margins, prefers = batch_metrics(cfg, batch, use_gpu)
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v * len(batch)
@@ -56,10 +57,15 @@ def evaluate_model(cfg, ref: Reference, model_path: str | None, tokenizer_path: 
         if pairs:  # the worst TABLE_ROWS pairs so far: bounded whatever the eval split's size
             part = pair_table(batch, margins, prefers, tokenizer_path, cfg.model.trust_remote_code)
             worst = (part if worst is None else pd.concat([worst, part])).sort_values("reward_margin", kind="stable").head(TABLE_ROWS)
+        if per_pair:  # three numbers a pair
+            every.append(pd.DataFrame({"row_id": batch.row_id.astype(str).to_numpy(), "prefers_chosen": prefers, "reward_margin": margins}))
     metrics = {**{k: v / max(n, 1) for k, v in sums.items()}, "pairs": float(n)}
-    if not pairs:
+    if not (pairs or per_pair):
         return metrics
-    return metrics, worst.reset_index(drop=True) if worst is not None else pd.DataFrame()
+    table = (worst.reset_index(drop=True) if worst is not None else pd.DataFrame()) if pairs else None
+    values = (pd.concat(every).sort_values("row_id", kind="stable").reset_index(drop=True) if every else
+              pd.DataFrame(columns=["row_id", "prefers_chosen", "reward_margin"])) if per_pair else None
+    return metrics, table, values
 
 
 def batch_metrics(cfg, df, use_gpu: bool):
@@ -106,11 +112,15 @@ def pair_table(df, reward_margins, prefers_chosen, tokenizer_path: str, trust_re
 @dataclass
 class Evaluation:
     """What the evaluate stage made: eval/... metrics (the model's, eval/reference/... the reference's, the generations'
-    and the judge's), the per-pair table and the generations table (None when not made)."""
+    and the judge's), the per-pair table and the generations table as MLflow shows them (None when not made); for
+    the registry's gate, every held-out pair's values (evaluate_model's per_pair) and the whole replies (with
+    prompt_json)."""
 
     metrics: dict
     pairs: pd.DataFrame | None = None
     generations: pd.DataFrame | None = None
+    per_pair: pd.DataFrame | None = None
+    replies: pd.DataFrame | None = None
 
     def summary(self) -> dict:
         """The summary's `eval` and `eval_reference` entries."""
@@ -124,24 +134,24 @@ def evaluate_policy(cfg, ctx, ref: Reference, model_dir: Path, baseline: dict | 
     with eval.generate, its replies to held-out prompts beside the reference's, judged (pipeline/generate.py)."""
     if not model_dir.exists():
         raise SetupError(f"evaluate: no trained model at {model_dir}; run `dpo-ray train` first")
-    ev, pairs = pairs_metrics(cfg, ref, model_dir, ctx.tokenizer_path, ctx.use_gpu, baseline)
-    generations = None
+    ev, pairs, per_pair = pairs_metrics(cfg, ref, model_dir, ctx.tokenizer_path, ctx.use_gpu, baseline)
+    replies = None
     if ev:  # the replies of the model and the reference to held-out prompts, and the judge's win rate (eval.generate)
-        gen, generations = generate.generate_and_judge(cfg, ctx, ref, model_dir)
+        gen, replies = generate.generate_and_judge(cfg, ctx, ref, model_dir)
         ev = {**ev, **gen}
-    return Evaluation(ev, pairs, generations)
+    return Evaluation(ev, pairs, generate.preview(replies), per_pair, replies)
 
 
 @console.stage("evaluate", lambda r: f"reward accuracy {r[0]['eval/rewards/accuracies']:.3f} (reference {r[0]['eval/reference/rewards/accuracies']:.3f})")
 def pairs_metrics(cfg, ref: Reference, model_dir: Path, tokenizer_path: str, use_gpu: bool, baseline: dict | None = None):
     """Returns (eval/... metrics for the trained model and eval/reference/... for the reference itself, the per-pair
-    table of the trained model); ({}, None) without an eval split. `baseline`: the reference's metrics when already
-    read (a sweep reads them once for all its trials)."""
+    table of the trained model, every pair's values); ({}, None, None) without an eval split. `baseline`: the
+    reference's metrics when already read (a sweep reads them once for all its trials)."""
     if not any(has_split(p, "eval") for p in ref.parts):
         log.warning("evaluate: no eval split (set data.eval or data.eval_fraction > 0); skipped")
-        return {}, None
-    trained, table = evaluate_model(cfg, ref, str(model_dir), tokenizer_path, use_gpu, pairs=True)
+        return {}, None, None
+    trained, table, per_pair = evaluate_model(cfg, ref, str(model_dir), tokenizer_path, use_gpu, pairs=True, per_pair=True)
     baseline = baseline or evaluate_model(cfg, ref, None, tokenizer_path, use_gpu)
     log.info("evaluate: %d pairs | trained: accuracy %.3f margin %.3f | reference: accuracy %.3f margin %.4f",
              trained["pairs"], trained["rewards/accuracies"], trained["rewards/margins"], baseline["rewards/accuracies"], baseline["rewards/margins"])
-    return {**{f"eval/{k}": v for k, v in trained.items()}, **{f"eval/reference/{k}": v for k, v in baseline.items()}}, table
+    return {**{f"eval/{k}": v for k, v in trained.items()}, **{f"eval/reference/{k}": v for k, v in baseline.items()}}, table, per_pair

@@ -20,7 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpo_ray.generation import Generator, settings_of
-from dpo_ray.judges import FunctionJudge, JudgeError, RewardModelJudge, last_user, load_function, verdict, win_rate
+from dpo_ray import stats
+from dpo_ray.judges import (FunctionJudge, JudgeError, PairwiseFunctionJudge, PairwiseModelJudge, RewardModelJudge, both_orders,
+                            last_user, load_function, verdict)
 from dpo_ray.model import fingerprint_model, load_tokenizer
 
 from . import console
@@ -117,29 +119,62 @@ def reference_replies(cfg, prompts: list[dict], reference_path: str, tokenizer_p
 
 
 def judge_name(j) -> str:
-    return f"function {j.function}" if j.function else f"reward model {j.reward_model}"
+    return j.kind
+
+
+def judge_pool(cfg, use_gpu: bool):
+    """(callable class, constructor kwargs, GPUs per actor) of eval.judge's judge."""
+    j, m = cfg.eval.judge, cfg.model
+    if j.function:
+        return FunctionJudge, {"spec": j.function}, 0
+    if j.pairwise_function:
+        return PairwiseFunctionJudge, {"spec": j.pairwise_function}, 0
+    gpus = 1 if use_gpu else 0
+    if j.reward_model:
+        return RewardModelJudge, {"path": j.reward_model, "trust_remote_code": m.trust_remote_code, "token": m.hf_token,
+                                  "max_length": j.max_length}, gpus
+    return PairwiseModelJudge, {"path": j.pairwise_model, "template": j.pairwise_prompt, "labels": tuple(j.pairwise_labels),
+                                "trust_remote_code": m.trust_remote_code, "token": m.hf_token, "max_length": j.max_length}, gpus
+
+
+def run_judge(cfg, items: list[dict], use_gpu: bool) -> pd.DataFrame:
+    """eval.judge over `items` (each with an `index`) on a Ray Data actor pool of its own (one GPU per actor for a model
+    judge where there are GPUs): the judge's output rows, in the items' order."""
+    import ray
+
+    fn, kwargs, gpus = judge_pool(cfg, use_gpu)
+    plan_pool("judge", "judge actor", actor_resources(cfg.reference.cpus_per_actor, gpus), 1, cfg.cluster.wait_for_resources_s)
+    return ray.data.from_items(items).map_batches(fn, fn_constructor_kwargs=kwargs, batch_size=cfg.eval.judge.batch_size, batch_format="pandas",
+                                                  compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.reference.cpus_per_actor,
+                                                  num_gpus=gpus).to_pandas().sort_values("index").reset_index(drop=True)
 
 
 def score_replies(cfg, rows: pd.DataFrame, use_gpu: bool) -> pd.DataFrame:
     """`rows` (any key columns, `prompt_json`, `reply`) with `score` (NaN where the judge failed) and `error` ("" or what
-    raised) added, in the same order: eval.judge's pointwise judge on a Ray Data actor pool (one GPU per actor for a
-    reward model where there are GPUs). Counting failures is the caller's (see check_failures)."""
-    import ray
-
-    j = cfg.eval.judge
-    if j.function:
-        fn, kwargs, gpus = FunctionJudge, {"spec": j.function}, 0
-    else:
-        fn, kwargs, gpus = RewardModelJudge, {"path": j.reward_model, "trust_remote_code": cfg.model.trust_remote_code,
-                                              "token": cfg.model.hf_token}, (1 if use_gpu else 0)
-    plan_pool("judge", "judge actor", actor_resources(cfg.reference.cpus_per_actor, gpus), 1, cfg.cluster.wait_for_resources_s)
-    log.info("judge: scoring %d replies with the %s", len(rows), judge_name(j))
-    items = [{"index": i, "prompt_json": str(p), "reply": str(r)} for i, (p, r) in enumerate(zip(rows.prompt_json, rows.reply))]
-    out = ray.data.from_items(items).map_batches(fn, fn_constructor_kwargs=kwargs, batch_size=j.batch_size, batch_format="pandas",
-                                                 compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.reference.cpus_per_actor,
-                                                 num_gpus=gpus).to_pandas().sort_values("index")
+    raised) added, in the same order: eval.judge's pointwise judge (function or reward model). Counting failures is
+    the caller's (see check_failures)."""
+    log.info("judge: scoring %d replies with the %s", len(rows), judge_name(cfg.eval.judge))
+    out = run_judge(cfg, [{"index": i, "prompt_json": str(p), "reply": str(r)} for i, (p, r) in enumerate(zip(rows.prompt_json, rows.reply))], use_gpu)
     rows = rows.reset_index(drop=True).copy()
     rows["score"], rows["error"] = out.score.astype(float).to_numpy(), out.error.astype(str).to_numpy()
+    return rows
+
+
+def compare_replies(cfg, rows: pd.DataFrame, use_gpu: bool) -> pd.DataFrame:
+    """`rows` (any key columns, `prompt_json`, `x`, `y`) with the pairwise judge's verdict added, asked in both orders:
+    `x_first` (P(x better) with x shown as A), `x_second` (with x shown as B), `win` (their mean: P(x better) with the
+    position's pull cancelled; NaN when either failed) and `error`."""
+    n = len(rows)
+    log.info("judge: comparing %d pairs of replies in both orders (%d calls) with the %s", n, 2 * n, judge_name(cfg.eval.judge))
+    items = [{"index": i, "prompt_json": str(p), "a": str(x), "b": str(y)} for i, (p, x, y) in enumerate(zip(rows.prompt_json, rows.x, rows.y))]
+    items += [{"index": n + i, "prompt_json": str(p), "a": str(y), "b": str(x)} for i, (p, x, y) in enumerate(zip(rows.prompt_json, rows.x, rows.y))]
+    out = run_judge(cfg, items, use_gpu)
+    first, second = out.p_a.astype(float).to_numpy()[:n], out.p_a.astype(float).to_numpy()[n:]
+    errors = [e1 or (e2 and f"{e2} (x shown second)") for e1, e2 in zip(out.error.astype(str)[:n], out.error.astype(str)[n:])]
+    rows = rows.reset_index(drop=True).copy()
+    rows["x_first"], rows["x_second"] = first, 1.0 - second
+    rows["win"] = [both_orders(a, b) if not e else float("nan") for a, b, e in zip(first, second, errors)]
+    rows["error"] = errors
     return rows
 
 
@@ -154,35 +189,66 @@ def check_failures(cfg, errors: list[tuple[str, str]], total: int, what: str) ->
                          f"{cfg.data.max_bad_fraction:g} allows; the first: row {errors[0][0]}, {errors[0][1]}")
 
 
-def judge(cfg, table: pd.DataFrame, use_gpu: bool) -> pd.DataFrame:
-    """judge_policy, judge_reference, judge_error (and verdict) columns, from eval.judge on a Ray Data actor pool. More
-    failed prompts than data.max_bad_fraction of them stop the stage with the first failure's message."""
-    rows = pd.DataFrame([{"row_id": r.row_id, "who": who, "prompt_json": r.prompt_json, "reply": getattr(r, who)}
-                         for r in table.itertuples() for who in ("policy", "reference")])
-    out = score_replies(cfg, rows, use_gpu)
-    scores = {(r.row_id, r.who): (float(r.score), r.error) for r in out.itertuples()}
+def verdict_name(win: float, x: str = "policy", y: str = "reference") -> str:
+    return "" if not math.isfinite(win) else x if win > 0.5 else y if win < 0.5 else "tie"
+
+
+def head_to_head(cfg, table: pd.DataFrame, use_gpu: bool, x: str = "policy", y: str = "reference") -> pd.DataFrame:
+    """The judge's verdict of reply column `x` against column `y`, prompt by prompt (`table` has row_id, prompt_json and
+    both columns): `win` (1 x better, 0 y better, 0.5 a tie; a pairwise judge's two-order mean in between; NaN when
+    the judge failed), `judge_error`, `verdict` (x, y, tie or ""), and the judge's own columns: pointwise
+    `judge_<x>` and `judge_<y>` (the scores), pairwise `judge_<x>_first` and `judge_<x>_second` (P(x better) with
+    x shown first / second). Too many failed prompts stop the stage (check_failures)."""
     table = table.copy()
-    for who in ("policy", "reference"):
-        table[f"judge_{who}"] = [scores[(rid, who)][0] for rid in table.row_id]
-    errors = [next((f"{who} reply: {scores[(rid, who)][1]}" for who in ("policy", "reference") if scores[(rid, who)][1]), "")
-              for rid in table.row_id]
-    table["judge_error"] = errors
-    v = [verdict(p, r) for p, r in zip(table.judge_policy, table.judge_reference)]
-    table["verdict"] = ["" if x is None else "policy" if x == 1 else "reference" if x == 0 else "tie" for x in v]
-    check_failures(cfg, [(rid, e) for rid, e in zip(table.row_id, errors) if e], len(table), judge_name(cfg.eval.judge))
+    if cfg.eval.judge.pairwise:
+        out = compare_replies(cfg, table[["prompt_json"]].assign(x=table[x].to_numpy(), y=table[y].to_numpy()), use_gpu)
+        table[f"judge_{x}_first"], table[f"judge_{x}_second"] = out.x_first.to_numpy(), out.x_second.to_numpy()
+        table["win"], table["judge_error"] = out.win.to_numpy(), out.error.to_numpy()
+    else:
+        rows = pd.DataFrame([{"row_id": r.row_id, "who": who, "prompt_json": r.prompt_json, "reply": getattr(r, who)}
+                             for r in table.itertuples() for who in (x, y)])
+        out = score_replies(cfg, rows, use_gpu)
+        scores = {(r.row_id, r.who): (float(r.score), r.error) for r in out.itertuples()}
+        for who in (x, y):
+            table[f"judge_{who}"] = [scores[(rid, who)][0] for rid in table.row_id]
+        table["judge_error"] = [next((f"{who} reply: {scores[(rid, who)][1]}" for who in (x, y) if scores[(rid, who)][1]), "")
+                                for rid in table.row_id]
+        v = [verdict(a, b) for a, b in zip(table[f"judge_{x}"], table[f"judge_{y}"])]
+        table["win"] = [float("nan") if w is None else w for w in v]
+    table["verdict"] = [verdict_name(w, x, y) for w in table.win]
+    check_failures(cfg, [(rid, e) for rid, e in zip(table.row_id, table.judge_error) if e], len(table), judge_name(cfg.eval.judge))
     return table
 
 
+def win_metrics(table: pd.DataFrame, x: str = "policy", y: str = "reference") -> dict:
+    """win_rate (the mean verdict over the prompts judged), its 95% interval (paired bootstrap over prompts, fixed seed:
+    dpo_ray.stats) and sign-test p against 0.5, the judge's means or, pairwise, the two orders' rates and how often they
+    disagree (the judge's position bias), the prompts judged and failed."""
+    s = stats.summarize(table.win.to_numpy())
+    finite = lambda c: table[c][table[c].map(math.isfinite)]  # noqa: E731
+    m = {"win_rate": s["mean"], "win_rate_ci_low": s["ci_low"], "win_rate_ci_high": s["ci_high"], "win_rate_p": s["p"],
+         "judge/prompts": float(s["n"]), "judge/failed_prompts": float((table.judge_error != "").sum())}
+    if f"judge_{x}_first" in table:
+        a, b = finite(f"judge_{x}_first"), finite(f"judge_{x}_second")
+        both = table[table.judge_error == ""]
+        m.update({f"judge/{x}_first_rate": float(a.mean()) if len(a) else float("nan"), f"judge/{x}_second_rate": float(b.mean()) if len(b) else float("nan"),
+                  "judge/position_disagreement": float(((both[f"judge_{x}_first"] > 0.5) != (both[f"judge_{x}_second"] > 0.5)).mean()) if len(both) else float("nan")})
+    else:
+        for who in (x, y):
+            m[f"judge/{who}_mean"] = float(finite(f"judge_{who}").mean()) if len(finite(f"judge_{who}")) else float("nan")
+    return m
+
+
 def model_replies(cfg, prompts: list[dict], model_dir: str, tokenizer_path: str, use_gpu: bool, ref_df: pd.DataFrame):
-    """(table, metrics) for one model's replies beside the reference's: what run() and the registry's champion use."""
+    """(table, metrics) for one model's replies beside the reference's: what run() and the registry's champion use. The
+    table has the whole replies and prompt_json (preview() makes the MLflow table of it)."""
     pol_df, speed = generate_replies(cfg, prompts, model_dir, tokenizer_path, "policy", use_gpu)
-    cut = lambda t: t if len(t) <= PREVIEW_CHARS else t[:PREVIEW_CHARS] + "…"  # noqa: E731
     table = pd.DataFrame({
         "row_id": [p["row_id"] for p in prompts],
-        "prompt": [cut(last_user(p["prompt_json"])) for p in prompts],
-        "chosen": [cut(p["chosen"]) for p in prompts],
-        "reference": [cut(x) for x in ref_df["reply"]],
-        "policy": [cut(x) for x in pol_df["reply"]],
+        "prompt": [last_user(p["prompt_json"]) for p in prompts],
+        "chosen": [p["chosen"] for p in prompts],
+        "reference": list(ref_df["reply"]),
+        "policy": list(pol_df["reply"]),
         "reference_tokens": ref_df["tokens"].to_numpy(),
         "policy_tokens": pol_df["tokens"].to_numpy(),
         "prompt_json": [p["prompt_json"] for p in prompts],
@@ -190,25 +256,39 @@ def model_replies(cfg, prompts: list[dict], model_dir: str, tokenizer_path: str,
     metrics = {"generation/length_policy": float(table.policy_tokens.mean()), "generation/length_reference": float(table.reference_tokens.mean()),
                "generation/tokens_per_second": speed["tokens_per_second"], "generation/prompts": float(len(table))}
     if cfg.eval.judge is not None:
-        table = judge(cfg, table, use_gpu)
-        rate, judged = win_rate(table.judge_policy.tolist(), table.judge_reference.tolist())
-        mean = lambda c: float(table[c][table[c].map(math.isfinite)].mean()) if table[c].map(math.isfinite).any() else float("nan")  # noqa: E731
-        metrics.update({"win_rate": rate, "judge/policy_mean": mean("judge_policy"), "judge/reference_mean": mean("judge_reference"),
-                        "judge/prompts": float(judged), "judge/failed_prompts": float((table.judge_error != "").sum())})
+        table = head_to_head(cfg, table, use_gpu)
+        metrics.update(win_metrics(table))
     return table, metrics
+
+
+def preview(table: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The generations table as MLflow shows it (eval_generations.json): texts cut to PREVIEW_CHARS, no prompt_json."""
+    if table is None:
+        return None
+    cut = lambda t: t if len(t) <= PREVIEW_CHARS else t[:PREVIEW_CHARS] + "…"  # noqa: E731
+    return table.drop(columns=["prompt_json"]).assign(**{c: table[c].map(cut) for c in ("prompt", "chosen", "reference", "policy")})
 
 
 def check_judge(cfg) -> None:
     """A function judge that cannot be imported is one line before any model work (JudgeError)."""
-    if cfg.eval.judge is not None and cfg.eval.judge.function and cfg.eval.generate.prompts:
-        load_function(cfg.eval.judge.function)
+    j = cfg.eval.judge
+    if j is not None and cfg.eval.generate.prompts:
+        for key in ("function", "pairwise_function"):
+            if getattr(j, key):
+                load_function(getattr(j, key), key)
+
+
+def win_line(m: dict, over: str = "the reference") -> str:
+    """'win rate 0.664 [0.547, 0.773] over the reference, p 0.012 (sign test against 0.5)'."""
+    return (f"win rate {m['win_rate']:.3f} [{m['win_rate_ci_low']:.3f}, {m['win_rate_ci_high']:.3f}] over {over}, "
+            f"p {m['win_rate_p']:.3g} (95% interval, sign test against 0.5)")
 
 
 @console.stage("generate", lambda r: " | ".join(f"{k} {r[0][k]:.3f}" for k in ("eval/win_rate", "eval/generation/tokens_per_second") if k in r[0]))
 def generate_and_judge(cfg, ctx, ref, model_dir, prompts: list[dict] | None = None):
     """Held-out prompts answered by the model at `model_dir` and by the reference (its replies cached), and judged:
-    (eval/generation/... and, with a judge, eval/win_rate and eval/judge/... metrics, the eval_generations table);
-    ({}, None) when generation is off or there is no eval split."""
+    (eval/generation/... and, with a judge, eval/win_rate, its interval and p, eval/judge/... metrics; the whole
+    generations table: preview() makes the MLflow table); ({}, None) when generation is off or there is no eval split."""
     reference_path, tokenizer_path, use_gpu = ctx.reference_path, ctx.tokenizer_path, ctx.use_gpu
     g = cfg.eval.generate
     if g.prompts == 0:
@@ -224,6 +304,5 @@ def generate_and_judge(cfg, ctx, ref, model_dir, prompts: list[dict] | None = No
     metrics["generation/reference_cache_hit"] = float(hit)
     log.info("generate: %d prompts | policy %.1f tokens a reply, reference %.1f | %.0f tokens/s%s", len(table),
              metrics["generation/length_policy"], metrics["generation/length_reference"], metrics["generation/tokens_per_second"],
-             f" | win rate {metrics['win_rate']:.3f} (judge means: policy {metrics['judge/policy_mean']:.3f}, reference "
-             f"{metrics['judge/reference_mean']:.3f})" if "win_rate" in metrics else "")
-    return {f"eval/{k}": v for k, v in metrics.items()}, table.drop(columns=["prompt_json"])
+             f" | {win_line(metrics)}" if "win_rate" in metrics else "")
+    return {f"eval/{k}": v for k, v in metrics.items()}, table

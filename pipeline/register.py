@@ -178,9 +178,10 @@ def download(uri: str, name_or_uri: str, cache: Path) -> tuple[str, str]:
     return str(out), mv.version
 
 
-def register_model(cfg, ctx, tracker, challenger_eval: dict, score_champion) -> dict:
+def register_model(cfg, ctx, tracker, challenger_eval: dict, compare) -> dict:
     """Stage 5: register this run's logged model (an unmerged LoRA adapter: its `model` artifact folder); compare with
-    the champion (`score_champion(model_dir)`: its metrics on the same eval set); move the aliases. Returns the decision."""
+    the champion (`compare(champion_dir, version)` -> pipeline.gate.Comparison on the same eval set); move the aliases.
+    Returns the decision."""
     uri = ctx.uri
     from mlflow.exceptions import MlflowException
 
@@ -207,20 +208,22 @@ def register_model(cfg, ctx, tracker, challenger_eval: dict, score_champion) -> 
     decision = {"name": name, "challenger_version": mv.version, "metric": metric, "challenger_score": challenger_score,
                 "champion_version": champion.version if champion else None, "champion_score": None}
     if champion is None:
-        promote = True
-        reason = "no champion yet"
+        promote, reason = True, "no champion yet"
     else:
         champ_dir, _ = download(uri, f"models:/{name}/{champion.version}", model_root(cfg.cache_dir, cfg.output_dir))
-        decision["champion_score"] = score_champion(champ_dir)[metric]
-        promote = challenger_score >= decision["champion_score"] + cfg.registry.min_improvement
-        reason = f"{metric} {challenger_score:.4f} vs champion v{champion.version} {decision['champion_score']:.4f} (min improvement {cfg.registry.min_improvement})"
+        c = compare(champ_dir, champion.version)
+        decision.update(champion_score=c.champion, **{f"comparison_{k}": v for k, v in c.record().items()})
+        promote, reason = c.promote, c.reason
     if promote:
         client.set_registered_model_alias(name, "champion", mv.version)
-    decision["decision"] = "promoted" if promote else "kept_champion"
+    decision["decision"], decision["reason"] = ("promoted" if promote else "kept_champion"), reason
     log.info("register: %s v%s %s: %s", name, mv.version, "is the new champion" if promote else "stays challenger", reason)
-    tracker.call("registry tags", lambda run_id: [client.set_tag(run_id, f"registry.{k}", str(v)) for k, v in decision.items()])
+    tracker.call("registry tags", lambda run_id: [client.set_tag(run_id, f"registry.{k}", str(v)[:5000]) for k, v in decision.items()])
     metrics = {"registry/challenger_score": challenger_score}
     if decision["champion_score"] is not None:
         metrics["registry/champion_score"] = decision["champion_score"]
+    for k in ("difference", "ci_low", "ci_high", "p"):
+        if decision.get(f"comparison_{k}") is not None:
+            metrics[f"registry/comparison_{k}"] = decision[f"comparison_{k}"]
     tracker.log_metrics(metrics, step=0)
     return decision

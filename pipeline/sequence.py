@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from dpo_ray.config import Config
 
-from . import evaluate, generate, register
+from . import evaluate, gate, generate, register
 from .context import Context
 from .evaluate import Evaluation
 from .mlflow_run import log_evaluation, log_model, plot_curves
@@ -85,16 +85,35 @@ def trained_part(cfg: Config, ctx: Context, shared: Shared, tracker, stages: tup
     return summary, evaluation, logged
 
 
-def registration(cfg: Config, ctx: Context, shared: Shared, tracker, evaluation: Evaluation, logged: bool) -> dict:
-    """Stage 5: the champion/challenger gate for the run's logged model; the champion is scored on the same eval set
-    and reference (and judged against the reference's cached replies when the gate's metric is the win rate)."""
+def registration(cfg: Config, ctx: Context, shared: Shared, tracker, evaluation: Evaluation, logged: bool, model_dir=None) -> dict:
+    """Stage 5: the champion/challenger gate for the run's logged model (pipeline/gate.py): the champion is scored on the
+    same eval pairs and reference, and with registry.metric win_rate its replies are generated (the reference's are
+    cached) and the judge compares them with the challenger's, prompt by prompt. `model_dir`: the challenger's, to
+    score it when `evaluation` lacks what the gate compares (a sweep's best trial, evaluated in its worker)."""
     if not logged:
         return {"decision": "not_registered", "reason": "the model artifact could not be logged"}
+    r, metric = cfg.registry, cfg.registry.metric
+    challenger = evaluation
 
-    def score(model_dir: str) -> dict:
-        m = evaluate.evaluate_model(cfg, shared.ref, model_dir, ctx.tokenizer_path, ctx.use_gpu)
-        if cfg.registry.metric == "win_rate":
-            m["win_rate"] = generate.generate_and_judge(cfg, ctx, shared.ref, model_dir)[0]["eval/win_rate"]
-        return m
+    def compare(champion_dir: str, version) -> gate.Comparison:
+        nonlocal challenger
+        confident = r.min_confidence > 0
+        if metric == "win_rate":
+            if confident and challenger.replies is None:  # the head-to-head needs the challenger's whole replies
+                challenger = Evaluation(challenger.metrics, replies=generate.generate_and_judge(cfg, ctx, shared.ref, model_dir)[1])
+            gen, champ = generate.generate_and_judge(cfg, ctx, shared.ref, champion_dir)  # the champion over the same reference
+            if not confident:
+                return gate.point_rule(metric, challenger.metrics["eval/win_rate"], gen["eval/win_rate"], r.min_improvement, version)
+            table = challenger.replies[["row_id", "prompt_json", "policy"]].rename(columns={"policy": "challenger"})
+            table["champion"] = champ.set_index("row_id").loc[table.row_id, "policy"].to_numpy()
+            wins = generate.head_to_head(cfg, table, ctx.use_gpu, x="challenger", y="champion").win
+            return gate.win_rate_rule(wins, challenger.metrics["eval/win_rate"], gen["eval/win_rate"], r.min_confidence, r.min_improvement, version)
+        m, _, champ_pairs = evaluate.evaluate_model(cfg, shared.ref, champion_dir, ctx.tokenizer_path, ctx.use_gpu, per_pair=True)
+        if not confident:
+            return gate.point_rule(metric, challenger.metrics[f"eval/{metric}"], m[metric], r.min_improvement, version)
+        if challenger.per_pair is None:
+            challenger = Evaluation(challenger.metrics, per_pair=evaluate.evaluate_model(cfg, shared.ref, str(model_dir), ctx.tokenizer_path,
+                                                                                          ctx.use_gpu, per_pair=True)[2])
+        return gate.pairs_rule(metric, challenger.per_pair, champ_pairs, r.min_confidence, r.min_improvement, version)
 
-    return register.register_model(cfg, ctx, tracker, evaluation.metrics, score)
+    return register.register_model(cfg, ctx, tracker, evaluation.metrics, compare)

@@ -284,6 +284,6 @@ def export_best(cfg: Config, ctx: Context, groups: dict, best: dict, out_dir: Pa
         evaluation = Evaluation({f"eval/{k}": v for k, v in tsum["eval"].items()})
         logged = tsum.get("mlflow_model_logged") or log_model(bcfg, tracker, best_dir / model_name, trial_dir)  # not kept: logged now
         out["registry"] = sequence.registration(bcfg, dataclasses.replace(g["ctx"], out_dir=trial_dir), g["shared"], tracker,
-                                                evaluation, logged)
+                                                evaluation, logged, model_dir=best_dir / model_name)
         tracker.flush()
     return out

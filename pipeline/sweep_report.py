@@ -25,7 +25,7 @@ def trial_rows(results, s) -> list[dict]:
         tid = next((t for t in statuses if t in str(r.path)), tid)
         status = statuses.get(tid, "TERMINATED")
         row = {"trial_id": tid, "overrides": r.config, "step": m.get("step"), "mlflow_run_id": m.get("mlflow_run_id"),
-               s.metric: m.get(s.metric), "error": None}
+               s.metric: m.get(s.metric), **{k: m[k] for k in interval_keys(s.metric) if k in m}, "error": None}
         if r.error is not None:
             row["status"], row["error"] = "ERROR", first_line(r.error)
         elif status == "TERMINATED":
@@ -34,6 +34,11 @@ def trial_rows(results, s) -> list[dict]:
             row["status"] = status
         rows.append(row)
     return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def interval_keys(metric: str) -> tuple[str, ...]:
+    """The metric's interval and p where it has them (eval/win_rate: eval/win_rate_ci_low, _ci_high, _p)."""
+    return (f"{metric}_ci_low", f"{metric}_ci_high", f"{metric}_p") if metric.endswith("win_rate") else ()
 
 
 def close_stopped_runs(parent, trials: list[dict]) -> None:
@@ -106,7 +111,7 @@ def log_parent(parent, summary: dict, s) -> None:
     import pandas as pd
 
     rows = [{"trial_id": t["trial_id"], "status": t["status"], **{k: str(v) for k, v in t["overrides"].items()}, s.metric: t[s.metric],
-             "step": t["step"], "error": t["error"] or "", "mlflow_run_id": t["mlflow_run_id"] or ""} for t in summary["trials"]]
+             **{k: t.get(k) for k in interval_keys(s.metric)}, "step": t["step"], "error": t["error"] or "", "mlflow_run_id": t["mlflow_run_id"] or ""} for t in summary["trials"]]
     parent.call("trials table", parent.client.log_table, data=pd.DataFrame(rows), artifact_file="trials.json")
     path = Path(summary["output_dir"]) / "sweep.png"
     plot_space(summary["trials"], s, path)

@@ -14,3 +14,11 @@ def fails_on_planets(prompt: str, reply: str) -> float:
 
 def always_fails(prompt: str, reply: str) -> float:
     return {}[prompt]
+
+
+def pairwise_words_prefers_a(prompt: str, a: str, b: str) -> float:
+    """A pairwise judge with a pull to position A by construction: by words() it picks the better reply with 0.7, and
+    adds 0.2 to whichever reply is shown first (identical replies: 0.7 for A)."""
+    wa, wb = words(prompt, a), words(prompt, b)
+    base = 0.7 if wa > wb else 0.3 if wa < wb else 0.5
+    return min(1.0, base + 0.2)

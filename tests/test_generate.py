@@ -108,6 +108,7 @@ def by_hand(pol, ref) -> float:
 
 
 def test_function_judge_win_rate_and_the_cached_reference(setup, judged, demo_model, caplog):
+    from dpo_ray import stats
     from dpo_ray.generation import Generator
     from tests.judges_for_tests import words
 
@@ -122,6 +123,9 @@ def test_function_judge_win_rate_and_the_cached_reference(setup, judged, demo_mo
     ref = [words(p, r) for p, r in zip(table.prompt, table.reference)]
     assert list(table.judge_policy) == pytest.approx(pol) and list(table.judge_reference) == pytest.approx(ref)
     assert metrics["eval/win_rate"] == pytest.approx(by_hand(pol, ref))
+    verdicts = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(pol, ref)]  # its interval and p from the verdicts by hand
+    assert (metrics["eval/win_rate_ci_low"], metrics["eval/win_rate_ci_high"]) == stats.bootstrap_interval(verdicts)
+    assert metrics["eval/win_rate_p"] == stats.sign_test(verdicts) and metrics["eval/win_rate_ci_low"] <= metrics["eval/win_rate"]
     assert metrics["eval/judge/policy_mean"] == pytest.approx(sum(pol) / len(pol))
     assert set(table.verdict) <= {"policy", "reference", "tie"} and (table.judge_error == "").all()
 
@@ -158,7 +162,7 @@ def test_reward_model_judge_win_rate_by_hand(setup, judged, demo_tokenizer):
     rm = AutoModelForSequenceClassification.from_config(config).eval()
     rm.save_pretrained(tmp / "rm")
     demo_tokenizer.save_pretrained(tmp / "rm")
-    scored = generate.judge(load_config(None, sets + [f"eval.judge.reward_model={tmp / 'rm'}"]), table, use_gpu=False)
+    scored = generate.head_to_head(load_config(None, sets + [f"eval.judge.reward_model={tmp / 'rm'}"]), table, use_gpu=False)
 
     def score(prompt_json, reply):  # one conversation at a time, no padding
         text = demo_tokenizer.apply_chat_template(messages(prompt_json) + [{"role": "assistant", "content": reply}], tokenize=False)
@@ -179,7 +183,7 @@ def test_a_judge_that_raises(setup, judged, demo_model):
     tmp, sets, ref, policy = setup
     _, table, _ = judged
     cfg = lambda *extra: load_config(None, sets + list(extra))  # noqa: E731
-    scored = generate.judge(cfg("eval.judge.function=tests.judges_for_tests:fails_on_planets", "data.max_bad_fraction=0.9"), table, False)
+    scored = generate.head_to_head(cfg("eval.judge.function=tests.judges_for_tests:fails_on_planets", "data.max_bad_fraction=0.9"), table, False)
     failed = scored.judge_error != ""
     planets = scored.prompt.str.contains("Mercury|Venus|Mars|Jupiter|Saturn|Neptune")
     assert failed.any() and list(failed) == list(planets)  # exactly the rows it raised on are marked
@@ -187,10 +191,84 @@ def test_a_judge_that_raises(setup, judged, demo_model):
     assert all(math.isnan(x) for x in scored.judge_policy[failed]) and set(scored.verdict[failed]) == {""}
     assert (scored.judge_policy[~failed] == table.judge_policy[~failed]).all()
     with pytest.raises(JudgeError) as e:  # over the limit (the default 1% of the prompts): the stage stops
-        generate.judge(cfg("eval.judge.function=tests.judges_for_tests:fails_on_planets"), table, False)
+        generate.head_to_head(cfg("eval.judge.function=tests.judges_for_tests:fails_on_planets"), table, False)
     assert f"failed on {failed.sum()} of 16 prompts" in str(e.value) and "data.max_bad_fraction=0.01" in str(e.value)
     with pytest.raises(JudgeError, match=r"failed on 16 of 16 prompts.*the first: row .*: KeyError: .*judges_for_tests.py:\d+ in always_fails"):
-        generate.judge(cfg("eval.judge.function=tests.judges_for_tests:always_fails"), table, False)
+        generate.head_to_head(cfg("eval.judge.function=tests.judges_for_tests:always_fails"), table, False)
     with pytest.raises(JudgeError, match="cannot import module 'no_such_module'"):  # before any model work
         run_generate(setup, demo_model, "eval.judge.function=no_such_module:score")
     assert json.loads(table.drop(columns=["prompt_json"]).to_json(orient="records"))  # what MLflow's log_table writes
+
+
+def test_pairwise_function_judge_in_both_orders_cancels_its_position_bias(setup, judged):
+    from pipeline import generate
+    from tests.judges_for_tests import pairwise_words_prefers_a, words
+
+    tmp, sets, ref, policy = setup
+    _, table, _ = judged
+    cfg = load_config(None, sets + ["eval.judge.pairwise_function=tests.judges_for_tests:pairwise_words_prefers_a"])
+    scored = generate.head_to_head(cfg, table, use_gpu=False)
+    first = [pairwise_words_prefers_a(p, a, b) for p, a, b in zip(table.prompt, table.policy, table.reference)]
+    second = [1 - pairwise_words_prefers_a(p, b, a) for p, a, b in zip(table.prompt, table.policy, table.reference)]
+    assert list(scored.judge_policy_first) == pytest.approx(first) and list(scored.judge_policy_second) == pytest.approx(second)
+    assert list(scored.win) == pytest.approx([(a + b) / 2 for a, b in zip(first, second)])
+    # the verdicts by hand: the pull to A cancels, the words() preference is what is left (0.5 on ties)
+    want = [0.7 if words(p, a) > words(p, b) else 0.3 if words(p, a) < words(p, b) else 0.5 for p, a, b in zip(table.prompt, table.policy, table.reference)]
+    assert list(scored.win) == pytest.approx(want)
+    m = generate.win_metrics(scored)
+    assert m["win_rate"] == pytest.approx(sum(want) / len(want)) and m["win_rate_ci_low"] <= m["win_rate"] <= m["win_rate_ci_high"]
+    assert m["judge/policy_first_rate"] > m["judge/policy_second_rate"]  # the position pull, logged per order
+    # identical replies: 0.5 on every prompt after the two orders are averaged, though every single call said A
+    same = generate.head_to_head(cfg, table.assign(reference=table.policy), use_gpu=False)
+    assert list(same.win) == [0.5] * len(table) and set(same.verdict) == {"tie"}
+    assert list(same.judge_policy_first) == pytest.approx([0.7] * len(table)) and list(same.judge_policy_second) == pytest.approx([0.3] * len(table))
+    assert generate.win_metrics(same)["judge/position_disagreement"] == 1.0
+
+
+def biased_chat_judge(path, tokenizer, label_a: int):
+    """A tiny Llama chat model built offline that leans to label A by construction: residual dimension 0 holds a
+    constant no layer writes to, and label A's output row reads it; the rest of the weights are random, so the
+    verdict still depends on the text."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 20.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0.0
+            layer.mlp.down_proj.weight[0] = 0.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[label_a, 0] = 0.2
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+def test_pairwise_model_judge_reads_the_label_probabilities_of_a_hand_forward(setup, judged, demo_tokenizer):
+    from dpo_ray.judges import conversation, label_ids
+    from pipeline import generate
+
+    tmp, sets, ref, policy = setup
+    _, table, _ = judged
+    a_id, b_id = label_ids(demo_tokenizer, ("A", "B"))
+    model = biased_chat_judge(tmp / "pairwise", demo_tokenizer, a_id)
+    cfg = load_config(None, sets + [f"eval.judge.pairwise_model={tmp / 'pairwise'}", "eval.judge.batch_size=5"])
+    scored = generate.head_to_head(cfg, table, use_gpu=False)
+
+    def p_a(prompt_json, a, b):  # one text, no padding, the softmax over the two labels
+        text = cfg.eval.judge.pairwise_prompt.format(prompt=conversation(prompt_json), a=a, b=b)
+        ids = demo_tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        with torch.inference_mode():
+            logits = model(torch.tensor([list(ids)])).logits[0, -1].double()
+        return torch.softmax(logits[[a_id, b_id]], 0)[0].item()
+
+    first = [p_a(p, x, y) for p, x, y in zip(table.prompt_json, table.policy, table.reference)]
+    second = [1 - p_a(p, y, x) for p, x, y in zip(table.prompt_json, table.policy, table.reference)]
+    assert list(scored.judge_policy_first) == pytest.approx(first, abs=1e-5) and list(scored.judge_policy_second) == pytest.approx(second, abs=1e-5)
+    assert len({round(x, 6) for x in first}) > 1  # it reads the texts, not a constant
+    assert min(first) > 0.5 > max(second)  # the built-in pull to A: every single call says A
+    same = generate.head_to_head(cfg, table.assign(reference=table.policy), use_gpu=False)
+    assert list(same.win) == pytest.approx([0.5] * len(table), abs=1e-6)  # averaged over both orders: no gain from position
