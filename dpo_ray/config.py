@@ -288,7 +288,9 @@ class GenerateConfig(_Strict):
     """Replies written by the trained policy and by the reference for held-out prompts (evaluate stage), side by side in
     MLflow's eval_generations.json; the reference's are cached like its log-probs."""
 
-    prompts: int = Field(64, ge=0, description="held-out prompts to write replies for (the eval split's first, by row id); 0: off")
+    prompts: int = Field(64, ge=0, description=(
+        "held-out prompts to write replies for (the eval split's first, by row id); 0: off. The win rate's 95% interval is "
+        "about +-0.12 wide at 64 prompts, +-0.06 at 256, +-0.03 at 1000 (1.96 * 0.5 / sqrt(n) near 0.5)"))
     max_new_tokens: int = Field(256, ge=1, description="the most tokens a reply may have (it stops earlier at EOS or the end of the turn)")
     do_sample: bool = Field(False, description="false: greedy; true: sampled with temperature, top_p and seed")
     temperature: float = Field(1.0, gt=0, description="sampling only: the softmax temperature")
