@@ -100,21 +100,29 @@ def test_register_retrain_promote_and_lock(first_run, cache_dir, mlflow_server):
 
     # new data arrives; the scheduler retrains from the champion
     (data / "day2.jsonl").write_text("".join(lines[120:]))
-    # the gate decides on the judge's win rate here: the champion's replies are generated and judged as the challenger's
+    # the gate decides on a pairwise judge's win rate here: the champion's replies are generated, and the judge compares
+    # them with the challenger's on each prompt in both orders; it promotes only when the 95% interval lies above 0.5
     retrain_sets = base + [f"model.policy=models:/{NAME}@champion", "output_dir=" + str(tmp_path / "retrain"), "registry.metric=win_rate",
-                           "eval.generate.prompts=8", "eval.generate.max_new_tokens=12", "eval.judge.function=tests.judges_for_tests:words"]
+                           "eval.generate.prompts=8", "eval.generate.max_new_tokens=12", "eval.judge.function=null",
+                           "eval.judge.pairwise_function=tests.judges_for_tests:pairwise_words_prefers_a"]
     second = run(load_config("configs/demo.yaml", retrain_sets), retrain=True)
     reg = second["registry"]
     assert reg["challenger_version"] == "2" and reg["champion_version"] == "1" and reg["metric"] == "win_rate"
     assert reg["challenger_score"] == second["eval"]["win_rate"]
     assert reg["champion_score"] == 0.5  # the champion is this run's reference: its replies are the reference's, all ties
-    want = "promoted" if reg["challenger_score"] >= 0.5 else "kept_champion"
+    # so the head-to-head is the challenger against the reference again: the same verdicts, the same interval
+    assert reg["comparison_difference"] == pytest.approx(second["eval"]["win_rate"]) and reg["comparison_items"] == 8
+    assert (reg["comparison_ci_low"], reg["comparison_ci_high"]) == (second["eval"]["win_rate_ci_low"], second["eval"]["win_rate_ci_high"])
+    want = "promoted" if reg["comparison_ci_low"] > 0.5 else "kept_champion"
     assert reg["decision"] == want and client.get_model_version_by_alias(NAME, "champion").version == ("2" if want == "promoted" else "1")
+    assert f"win rate over champion v1 {reg['comparison_difference']:.3f}, 95% interval [" in reg["reason"] and "from 8 prompts" in reg["reason"]
     assert client.get_model_version_by_alias(NAME, "challenger").version == "2"
     assert second["data"]["rows_read"] == 240 and second["reference_model_dir"].endswith(f"{NAME}-v1")
     run2 = client.get_run(second["mlflow_run_id"])
     assert run2.info.run_name.startswith(f"{NAME}@champion-data")
     assert run2.data.metrics["registry/champion_score"] == 0.5 and run2.data.tags["registry.decision"] == want
+    assert run2.data.metrics["registry/comparison_ci_low"] == reg["comparison_ci_low"] and run2.data.tags["registry.reason"] == reg["reason"]
+    assert "eval/judge/position_disagreement" in run2.data.metrics
 
     # the same inputs again (the starting model now being the champion that retrain produced): nothing to do
     scored = sorted((cache_dir / "reference").iterdir())
