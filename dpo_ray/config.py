@@ -407,6 +407,42 @@ class SweepConfig(_Strict):
     keep_models: bool = Field(False, description="keep every trial's exported model and checkpoints; false: only the best's")
 
 
+class IterateConfig(_Strict):
+    """`dpo-ray iterate`: rounds of iterative (online) DPO. Each round the current policy samples replies to prompts,
+    eval.judge scores them, pairs are built from the scores and the policy trains on them (prepare, the cached
+    reference, Ray Train), then held-out prompts measure it against the initial model and the previous round."""
+
+    prompts: list[str] = Field(default_factory=list, description=(
+        "prompt files (.jsonl, .json, .parquet): a `prompt` column of messages or text, or rows in any layout prepare reads "
+        "(their prompts alone); empty: the prompts of data.train. Duplicates are counted once; a share of data.eval_fraction "
+        "is held out by content hash for the evaluation after each round"))
+    rounds: int = Field(3, ge=1, description="rounds of sample -> judge -> pair -> train -> evaluate")
+    samples_per_prompt: int = Field(4, ge=2, description="replies the policy samples per prompt each round")
+    max_prompts: int | None = Field(None, ge=1, description=(
+        "training prompts a round samples for; round r takes the next ones of a fixed shuffle (seed), wrapping around, so "
+        "rounds see different prompts; None: all of them every round"))
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the round's replies")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling's probability mass")
+    max_new_tokens: int = Field(128, ge=1, description="the most tokens a sampled reply may have (it stops earlier at EOS)")
+    seed: int = Field(0, description="round r samples with seed * 1000 + r (and shuffles the prompts with it): the same seed, the same samples")
+    pairing: Literal["best_worst", "all"] = Field("best_worst", description=(
+        "best_worst: one pair per prompt, the judge's best reply against its worst; all: every ordered pair of replies whose "
+        "scores differ by more than min_margin"))
+    min_margin: float = Field(0.0, ge=0, description="a pair's scores must differ by more than this (prompts whose replies all tie are always dropped)")
+    offline_fraction: float = Field(0.0, ge=0, lt=1, description=(
+        "this share of a round's pairs are drawn from data.train's offline pairs (a new draw each round), the rest are the round's own"))
+    reference: Literal["initial", "previous"] = Field("initial", description=(
+        "the DPO reference of each round: initial (the starting model; its log-probs are cached by content) or previous "
+        "(the round's starting policy)"))
+    stop_below: float | None = Field(None, ge=0, le=1, description=(
+        "stop after a round whose win rate against the previous round is below this; None: run every round"))
+    select: Literal["last", "best"] = Field("last", description=(
+        "the output model: the last round's, or the round with the highest win rate against the initial model"))
+    min_pairs: int = Field(1, ge=1, description="a round with fewer pairs stops the run with a message (nothing trains on too little)")
+    eval_prompts: int = Field(64, ge=0, description=(
+        "held-out prompts answered and judged after each round (the first by content hash); 0: no evaluation, no win rates"))
+
+
 class ClusterConfig(_Strict):
     wait_for_resources_s: float = Field(300, gt=0, description=(
         "how long a stage waits for the cluster to hold what it needs (its first actor, its workers' minimum) before it "
@@ -429,6 +465,7 @@ class Config(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="the generations and the judge of the evaluate stage")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="the MLflow Model Registry gate")
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="`dpo-ray sweep` only: the search space and its settings")
+    iterate: IterateConfig = Field(default_factory=IterateConfig, description="`dpo-ray iterate` only: the rounds of iterative (online) DPO")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="how the stages fit the Ray cluster they find")
 
     @model_validator(mode="after")

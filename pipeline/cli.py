@@ -1,4 +1,4 @@
-"""`dpo-ray run|prepare|reference|train|evaluate CONFIG [--set dotted.key=value ...] [--address ADDR] [--json]`,
+"""`dpo-ray run|prepare|reference|train|evaluate|retrain|sweep|iterate CONFIG [--set dotted.key=value ...] [--address ADDR] [--json]`,
 `dpo-ray doctor [CONFIG]`, `dpo-ray --version`.
 
 A user mistake prints one line `dpo-ray: error: ...` and exits 2; bugs keep their traceback.
@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         "retrain": "for schedulers: run on the current data, starting from the config's model (e.g. models:/NAME@champion), "
                    "register; does nothing when neither data nor model changed; refuses to overlap another run",
         "sweep": "Ray Tune search over config keys; prepare and reference once, shared by the trials; best trial -> <output_dir>/best",
+        "iterate": "iterative (online) DPO: rounds of sample -> judge -> pair -> train -> evaluate (iterate: section); "
+                   "the same command again continues an interrupted iteration",
     }
     for name, text in helps.items():
         s = sub.add_parser(name, help=text, description=text)
@@ -69,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             if summary.get("interrupted"):
                 print("dpo-ray: interrupted; run the same command again to continue the sweep", file=sys.stderr)
                 return 130
+        elif args.command == "iterate":
+            from .iterate import iterate
+
+            summary = iterate(cfg, address=args.address)
         else:
             summary = run(cfg, COMMANDS[args.command], address=args.address, retrain=args.command == "retrain")
     except UserError as e:
@@ -79,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if getattr(args, "json", False):  # a subcommand without --json (doctor returns earlier) prints the short summary
         print(json.dumps(summary, indent=2, default=str))
+    elif args.command == "iterate":
+        from .iterate import summary_lines
+
+        print("\n".join(summary_lines(summary)))
     else:
         console.print_summary(summary)
     return 0

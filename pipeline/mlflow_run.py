@@ -133,12 +133,17 @@ def parent_run(cfg: Config, ctx: Context, state: dict, out_dir: Path):
     return tracker
 
 
-def log_evaluation(tracker, evaluation, step: int) -> None:
-    """The evaluation's metrics at `step` and its tables (eval_pairs.json, eval_generations.json) in the run."""
+def log_evaluation(tracker, evaluation, step: int, judge_kind: str | None = None) -> None:
+    """The evaluation's metrics at `step` and its tables (eval_pairs.json, eval_generations.json) in the run; the
+    generations also as the run's MLflow GenAI evaluation (pipeline/mlflow_genai.py; `judge_kind`: eval.judge's kind,
+    the assessments' source), for the Evaluation runs page."""
     if evaluation.pairs is not None:
         tracker.call("eval_pairs.json", tracker.client.log_table, data=evaluation.pairs, artifact_file="eval_pairs.json")
     if evaluation.generations is not None:
         tracker.call("eval_generations.json", tracker.client.log_table, data=evaluation.generations, artifact_file="eval_generations.json")
+        from .mlflow_genai import log_generations
+
+        log_generations(tracker, evaluation.generations, judge_kind)
     tracker.log_metrics(evaluation.metrics, step=step)
 
 
@@ -172,3 +177,41 @@ def fail_run(tracker) -> None:
     if tracker is not None:
         tracker.retries = 1
         tracker.call("run status", tracker.client.set_terminated, "FAILED")
+
+
+def iterate_parent_run(cfg: Config, ctx: Context, state: dict, out_dir: Path, prompts: dict | None = None):
+    """`dpo-ray iterate`'s MLflow run (reused when the iteration continues): the config as params, its prompts' counts;
+    its id kept in <output_dir>/iterate.json. The rounds are its children (`round_run`)."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(ctx.uri)
+    if state.get("parent_run_id"):
+        client.update_run(state["parent_run_id"], status="RUNNING")
+        return RunLogger(ctx.uri, state["parent_run_id"])
+    exp_id = ensure_experiment(ctx.uri, cfg.mlflow.experiment)
+    tags = {"dpo_ray.iterate": "true", "mlflow.source.name": "dpo-ray iterate", **({"git_commit": c} if (c := git_commit()) else {})}
+    run_id = client.create_run(exp_id, run_name=cfg.mlflow.run_name or f"iterate-{cfg.name}-{out_dir.name}", tags=tags).info.run_id
+    state["parent_run_id"] = run_id
+    write_json_atomic(out_dir / "iterate.json", state)
+    tracker = RunLogger(ctx.uri, run_id)
+    params = flatten(masked(cfg.model_dump(exclude={"sweep"})))
+    tracker.call("params", tracker.client.log_batch, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    tracker.call("config.yaml", tracker.client.log_text, masked_yaml(cfg), "config.yaml")
+    if prompts:
+        tracker.call("prompts.json", tracker.client.log_dict, prompts, "prompts.json")
+    return tracker
+
+
+def round_run(cfg: Config, ctx: Context, prepared, ref, parent_run_id: str, round_no: int):
+    """A round's MLflow run under the iterate run (a round continued after an interruption finds its own again)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(ctx.uri)
+    exp_id = client.get_run(parent_run_id).info.experiment_id
+    found = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`dpo_ray.round` = '{round_no}'")
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return RunLogger(ctx.uri, found[0].info.run_id)
+    tags = {"mlflow.parentRunId": parent_run_id, "dpo_ray.round": str(round_no)}
+    return open_run(cfg, ctx, prepared, ref, ("train",), name=f"round-{round_no}", tags=tags)
