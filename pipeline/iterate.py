@@ -29,7 +29,7 @@ from dpo_ray.config import Config, masked, with_overrides
 from dpo_ray.data import Reject, _bos, render, to_pair, validate
 from dpo_ray.errors import UserError
 from dpo_ray.generation import Settings
-from dpo_ray.judges import load_function, verdict, win_rate
+from dpo_ray.judges import load_function
 from dpo_ray.model import fingerprint_model
 from dpo_ray.pairing import build_pairs
 from dpo_ray.tracking import RunLogger
@@ -165,31 +165,29 @@ def generate_samples(cfg: Config, prompts: list[dict], model_path: str, tokenize
 
 
 def score_samples(cfg: Config, df: pd.DataFrame, use_gpu: bool) -> pd.DataFrame:
-    """Every reply of `df` (prompt_json, reply) scored by eval.judge: `score` (NaN where the judge failed) and `error`
-    added. All of iterate's judging goes through here (and `compare`)."""
+    """Every reply of `df` (prompt_id, prompt_json, reply) scored by eval.judge: `score` (NaN where the judge failed) and
+    `error` added. A pointwise judge scores each reply; a pairwise judge plays a round robin among each prompt's replies
+    (generate.tournament_scores: a reply's score is its mean win probability). All of iterate's scoring goes through here."""
+    if cfg.eval.judge.pairwise:
+        return generate.tournament_scores(cfg, df, use_gpu, group="prompt_id")
     return generate.score_replies(cfg, df, use_gpu)
 
 
-def compare(cfg: Config, table: pd.DataFrame, use_gpu: bool, against: tuple[str, ...] = ("initial", "previous")) -> pd.DataFrame:
-    """Held-out replies: `table` has prompt_id, prompt_json, a `policy` column and one column per name in `against`
-    (the replies), and may hold `score_<who>` already (cached scores are not asked again). Adds `score_<who>` for each,
-    `error` and `verdict_<other>` (1 the policy's reply is better, 0 worse, 0.5 a tie, NaN unjudged) per prompt."""
-    table = table.reset_index(drop=True).copy()
-    todo = [w for w in ("policy", *against) if f"score_{w}" not in table]
-    if todo:
-        rows = pd.DataFrame([{"who": w, "i": i, "prompt_json": table.prompt_json[i], "reply": table[w][i]} for w in todo for i in range(len(table))])
-        out = score_samples(cfg, rows, use_gpu)
-        for w in todo:
-            part = out[out.who == w].sort_values("i")
-            table[f"score_{w}"] = part.score.to_numpy()
-            table[f"error_{w}"] = part.error.to_numpy()
-    errs = [next((f"{w}: {table[f'error_{w}'][i]}" for w in ("policy", *against) if f"error_{w}" in table and table[f"error_{w}"][i]), "")
-            for i in range(len(table))]
-    table["error"] = errs
-    for w in against:
-        table[f"verdict_{w}"] = [np.nan if (v := verdict(a, b)) is None else v for a, b in zip(table.score_policy, table[f"score_{w}"])]
-    generate.check_failures(cfg, [(pid, e) for pid, e in zip(table.prompt_id, errs) if e], len(table), generate.judge_name(cfg.eval.judge))
-    return table
+def compare(cfg: Config, table: pd.DataFrame, use_gpu: bool, against: tuple[str, ...] = ("initial", "previous")) -> tuple[pd.DataFrame, dict]:
+    """Held-out replies judged head to head: `table` has prompt_id, prompt_json, a `policy` column and one column of replies
+    per name in `against`. Per prompt and name: `win_<name>` (1 the policy's reply is better, 0 worse, 0.5 a tie, a
+    pairwise judge's two-order mean in between; NaN unjudged) and `error_<name>`; pointwise, the scores `judge_<who>`.
+    Returns (the table, {name: generate.win_metrics: the win rate, its 95% interval and sign test, the judge's means})."""
+    table = table.reset_index(drop=True).assign(row_id=lambda t: t.prompt_id)
+    metrics = {}
+    for name in against:
+        out = generate.head_to_head(cfg, table[["row_id", "prompt_json", "policy", name]], use_gpu, x="policy", y=name)
+        metrics[name] = generate.win_metrics(out, x="policy", y=name)
+        table[f"win_{name}"], table[f"error_{name}"] = out.win.to_numpy(), out.judge_error.to_numpy()
+        for c in ("judge_policy", f"judge_{name}"):
+            if c in out:
+                table[c] = out[c].to_numpy()
+    return table, metrics
 
 
 def finite_mean(values) -> float:
@@ -286,11 +284,13 @@ def check_inputs(cfg: Config) -> None:
     """What costs nothing, before any model or Ray work: a pointwise judge, a model each round can start from."""
     j = cfg.eval.judge
     if j is None:
-        raise IterateError("iterate needs eval.judge (a reward_model or a function) to score the sampled replies")
-    if j.function:
-        load_function(j.function)
-    elif not j.reward_model:
-        raise IterateError(f"iterate: eval.judge {j.kind}: a pairwise judge is not supported by iterate yet; use reward_model or function")
+        raise IterateError("iterate needs eval.judge (a reward_model, a function, a pairwise_model or a pairwise_function) to score the sampled replies")
+    for key in ("function", "pairwise_function"):
+        if getattr(j, key):
+            load_function(getattr(j, key), key)
+    for key in ("reward_model", "pairwise_model"):
+        if getattr(j, key) and not (Path(getattr(j, key)).expanduser() / "config.json").is_file():
+            raise IterateError(f"eval.judge.{key} {getattr(j, key)}: not a local Hugging Face model directory (no config.json)")
     if cfg.train.lora and not cfg.train.lora.merge:
         raise IterateError("iterate: train.lora.merge must be true (each round starts from the previous round's whole model)")
     if cfg.iterate.prompts:
@@ -306,7 +306,7 @@ def _iterate(cfg: Config, out_dir: Path, address: str | None, on_phase) -> dict:
     state = iterate_state(out_dir, cfg)
     train, held, pcounts = load_prompts(cfg, ctx.tokenizer)
     if not train:
-        raise IterateError(f"iterate: no prompts to sample for in {', '.join(pcounts['files'])} ({pcounts['records']} records, "
+        raise IterateError(f"iterate: no prompts in {', '.join(pcounts['files'])} ({pcounts['records']} records, "
                            f"{pcounts['unusable']} without a usable prompt, {pcounts['held_out_prompts']} held out)")
     log.info("iterate: %d training prompts, %d held out (of %d distinct in %d record(s)); %d round(s) of %d samples a prompt%s",
              len(train), len(held), pcounts["distinct"], pcounts["records"], it.rounds, it.samples_per_prompt,
@@ -462,23 +462,26 @@ def evaluate_round(cfg: Config, ctx: Context, rnd: Round, model_dir: str, held: 
     table = pd.DataFrame({"prompt_id": [h["prompt_id"] for h in held], "prompt_json": [h["prompt_json"] for h in held],
                           "policy": pol.reply.to_numpy(), "initial": initial.reply.to_numpy(),
                           "tokens_policy": pol.tokens.to_numpy(), "tokens_initial": initial.tokens.to_numpy()})
-    if prev is None:  # round 1: the previous round is the initial model
+    if prev is None:  # round 1: the previous round is the initial model: one comparison
         table["previous"], table["tokens_previous"] = table.initial, table.tokens_initial
+        table, m = compare(cfg, table, ctx.use_gpu, against=("initial",))
+        table["win_previous"], table["error_previous"] = table.win_initial, table.error_initial
+        m["previous"] = m["initial"]
     else:
         prev = prev.set_index("prompt_id").loc[table.prompt_id]
         table["previous"], table["tokens_previous"] = prev.policy.to_numpy(), prev.tokens_policy.to_numpy()
-        table["score_previous"] = prev.score_policy.to_numpy()  # scored last round
-        table["error_previous"] = prev.error_policy.to_numpy() if "error_policy" in prev else ""
-    table = compare(cfg, table, ctx.use_gpu)
-    if prev is None:
-        table["score_previous"], table["verdict_previous"] = table.score_initial, table.verdict_initial
-    wi, judged = win_rate(table.score_policy.tolist(), table.score_initial.tolist())
-    wp, _ = win_rate(table.score_policy.tolist(), table.score_previous.tolist())
-    metrics = {"win_rate_vs_initial": wi, "win_rate_vs_previous": wp, "judge_mean": finite_mean(table.score_policy),
-               "judge_mean_initial": finite_mean(table.score_initial), "judge_mean_previous": finite_mean(table.score_previous),
+        table, m = compare(cfg, table, ctx.use_gpu)
+    mi, mp = m["initial"], m["previous"]
+    metrics = {"win_rate_vs_initial": mi["win_rate"], "win_rate_vs_initial_ci_low": mi["win_rate_ci_low"],
+               "win_rate_vs_initial_ci_high": mi["win_rate_ci_high"], "win_rate_vs_initial_p": mi["win_rate_p"],
+               "win_rate_vs_previous": mp["win_rate"], "win_rate_vs_previous_ci_low": mp["win_rate_ci_low"],
+               "win_rate_vs_previous_ci_high": mp["win_rate_ci_high"],
                "length": float(table.tokens_policy.mean()), "length_initial": float(table.tokens_initial.mean()),
-               "held_out_prompts": len(table), "judged_prompts": judged, "judge_failed_prompts": int((table.error != "").sum()),
+               "held_out_prompts": len(table), "judged_prompts": mi["judge/prompts"], "judge_failed_prompts": mi["judge/failed_prompts"],
                "eval_tokens_per_second": speed["tokens_per_second"], "initial_replies_cached": hit}
+    if "judge/policy_mean" in mi:  # a pointwise judge's means
+        metrics.update({"judge_mean": mi["judge/policy_mean"], "judge_mean_initial": mi["judge/initial_mean"],
+                        "judge_mean_previous": mp.get("judge/previous_mean", mi["judge/initial_mean"])})
     return table, metrics
 
 
@@ -496,8 +499,9 @@ def round_row(r: int, rnd: Round, e: dict) -> dict:
     """The round's figures from its markers: round/... metrics (win rates, judge means, lengths, pairs, ties, seconds)."""
     g, j, p, t = (rnd.done(x) or {} for x in ("generate", "judge", "pairs", "train"))
     row = {"round": r, "model_dir": t.get("model_dir"), "mlflow_run_id": t.get("run_id")}
-    for k in ("win_rate_vs_initial", "win_rate_vs_previous", "judge_mean", "judge_mean_initial", "judge_mean_previous", "length",
-              "length_initial", "held_out_prompts", "judge_failed_prompts", "eval_tokens_per_second"):
+    for k in ("win_rate_vs_initial", "win_rate_vs_initial_ci_low", "win_rate_vs_initial_ci_high", "win_rate_vs_initial_p",
+              "win_rate_vs_previous", "win_rate_vs_previous_ci_low", "win_rate_vs_previous_ci_high", "judge_mean", "judge_mean_initial",
+              "judge_mean_previous", "length", "length_initial", "held_out_prompts", "judge_failed_prompts", "eval_tokens_per_second"):
         if k in e:
             row[f"round/{k}"] = e[k]
     row.update({"round/pairs": p.get("pairs"), "round/ties_dropped": p.get("ties_dropped"), "round/below_margin": p.get("below_margin"),
@@ -515,7 +519,9 @@ def round_row(r: int, rnd: Round, e: dict) -> dict:
 def round_line(row: dict, rounds: int) -> str:
     f = lambda k, spec=".3f": format(row[k], spec) if k in row else "n/a"  # noqa: E731
     secs = ", ".join(f"{ph} {row[f'round/{ph}_seconds']:.0f} s" for ph in PHASES if f"round/{ph}_seconds" in row)
-    return (f"round {row['round']}/{rounds}: win rate {f('round/win_rate_vs_initial')} vs the initial model, {f('round/win_rate_vs_previous')} "
+    ci = (f" [{row['round/win_rate_vs_initial_ci_low']:.2f}, {row['round/win_rate_vs_initial_ci_high']:.2f}]"
+          if "round/win_rate_vs_initial_ci_low" in row else "")
+    return (f"round {row['round']}/{rounds}: win rate {f('round/win_rate_vs_initial')}{ci} vs the initial model, {f('round/win_rate_vs_previous')} "
             f"vs the previous round | judge mean {f('round/judge_mean')} (initial {f('round/judge_mean_initial')}) | "
             f"{f('round/length', '.1f')} tokens a reply (initial {f('round/length_initial', '.1f')}) | {row.get('round/pairs')} pairs, "
             f"{row.get('round/ties_dropped')} tied prompts dropped | {secs}")

@@ -22,3 +22,8 @@ def pairwise_words_prefers_a(prompt: str, a: str, b: str) -> float:
     wa, wb = words(prompt, a), words(prompt, b)
     base = 0.7 if wa > wb else 0.3 if wa < wb else 0.5
     return min(1.0, base + 0.2)
+
+
+def constant(prompt: str, reply: str) -> float:
+    """Every reply the same score: every prompt's replies tie (tests/test_iterate.py)."""
+    return 1.0
