@@ -42,7 +42,7 @@ class Comparison:
     reason: str = ""
 
     def record(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None and k not in ("metric", "challenger", "champion", "promote")}
+        return {k: v for k, v in asdict(self).items() if v is not None and k not in ("metric", "challenger", "champion", "promote", "reason")}
 
 
 def point_rule(metric: str, challenger: float, champion: float, min_improvement: float, version) -> Comparison:

@@ -178,6 +178,30 @@ def compare_replies(cfg, rows: pd.DataFrame, use_gpu: bool) -> pd.DataFrame:
     return rows
 
 
+def tournament_scores(cfg, rows: pd.DataFrame, use_gpu: bool, group: str = "prompt_id") -> pd.DataFrame:
+    """A pairwise judge's per-reply scores: within each `group` (the k replies to one prompt), every reply meets every
+    other once, in both orders (compare_replies), and its `score` is its mean win probability over its k - 1
+    opponents (a round robin: k(k-1)/2 comparisons, k(k-1) judge calls a prompt). A reply in a failed comparison has
+    a NaN score and that `error`. `rows` has `group`, prompt_json and reply; the order is kept."""
+    rows = rows.reset_index(drop=True)
+    matches = [(i, j) for _, idx in rows.groupby(group, sort=False).groups.items() for a, i in enumerate(idx) for j in list(idx)[a + 1:]]
+    log.info("judge: a round robin of %d replies to %d prompts: %d comparisons", len(rows), rows[group].nunique(), len(matches))
+    table = pd.DataFrame({"prompt_json": [rows.prompt_json[i] for i, _ in matches], "x": [rows.reply[i] for i, _ in matches],
+                          "y": [rows.reply[j] for _, j in matches]})
+    out = compare_replies(cfg, table, use_gpu) if matches else table.assign(win=[], error=[])
+    won = {i: [] for i in range(len(rows))}
+    errors = {i: "" for i in range(len(rows))}
+    for (i, j), w, e in zip(matches, out.win, out.error):
+        won[i].append(w)
+        won[j].append(1.0 - w)
+        for k in (i, j):
+            errors[k] = errors[k] or e
+    rows = rows.copy()
+    rows["score"] = [float("nan") if errors[i] or not won[i] else sum(won[i]) / len(won[i]) for i in range(len(rows))]
+    rows["error"] = [errors[i] for i in range(len(rows))]
+    return rows
+
+
 def check_failures(cfg, errors: list[tuple[str, str]], total: int, what: str) -> None:
     """errors: (row, message) of the prompts the judge failed on, of `total`: a warning naming the first; more than
     data.max_bad_fraction of them stop the stage (JudgeError)."""

@@ -4,6 +4,7 @@ import json
 import logging
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -223,6 +224,15 @@ def test_pairwise_function_judge_in_both_orders_cancels_its_position_bias(setup,
     assert list(same.win) == [0.5] * len(table) and set(same.verdict) == {"tie"}
     assert list(same.judge_policy_first) == pytest.approx([0.7] * len(table)) and list(same.judge_policy_second) == pytest.approx([0.3] * len(table))
     assert generate.win_metrics(same)["judge/position_disagreement"] == 1.0
+    # iterate's use: a round robin among each prompt's replies (here three: policy, reference, the data's chosen) in both
+    # orders; a reply's score is its mean win probability over the other two
+    rows = pd.DataFrame([{"prompt_id": r.row_id, "prompt_json": r.prompt_json, "reply": getattr(r, who), "prompt": r.prompt}
+                         for r in table.itertuples() for who in ("policy", "reference", "chosen")])
+    got = generate.tournament_scores(cfg, rows, use_gpu=False)
+    p = lambda q, a, b: (pairwise_words_prefers_a(q, a, b) + 1 - pairwise_words_prefers_a(q, b, a)) / 2  # noqa: E731
+    want = [sum(p(r.prompt, r.reply, o.reply) for o in rows[rows.prompt_id == r.prompt_id].itertuples() if o.Index != r.Index) / 2
+            for r in rows.itertuples()]
+    assert list(got.score) == pytest.approx(want) and list(got.reply) == list(rows.reply) and (got.error == "").all()
 
 
 def biased_chat_judge(path, tokenizer, label_a: int):

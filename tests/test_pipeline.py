@@ -5,6 +5,7 @@ reuse the prepared data and reference cache and resume training from its storage
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,7 +62,8 @@ def test_summary_contract(cli_run):
     assert "Running Dataset" in next((tmp / "out" / "logs").glob("run-*.log")).read_text()
     # the generations beside the reference's and the judge's win rate (tests.judges_for_tests, imported from the working dir)
     assert s["eval"]["generation/prompts"] == 8 and 0.0 <= s["eval"]["win_rate"] <= 1.0 and s["eval"]["judge/prompts"] == 8
-    assert "generations: 8 prompts" in proc.stdout and "win rate" in proc.stdout and "generate: finished in" in proc.stderr
+    assert "generations: 8 prompts" in proc.stdout and "generate: finished in" in proc.stderr
+    assert re.search(r"win rate [\d.]+ \[[\d.]+, [\d.]+\] over the reference by the judge, p [\d.e-]+ \(95% interval", proc.stdout), proc.stdout
 
 
 def test_exported_model_loads_with_transformers(cli_run):
@@ -110,6 +112,9 @@ def test_mlflow_run_has_metrics_params_and_artifacts(cli_run):
     assert run.data.metrics["eval/win_rate"] == pytest.approx(
         sum(1.0 if r["judge_policy"] > r["judge_reference"] else 0.0 if r["judge_policy"] < r["judge_reference"] else 0.5 for r in rows) / 8)
     assert run.data.metrics["eval/generation/tokens_per_second"] > 0 and "eval/generation/length_reference" in run.data.metrics
+    m = run.data.metrics  # the win rate's 95% interval and sign test, beside it in MLflow and the summary
+    assert m["eval/win_rate_ci_low"] <= m["eval/win_rate"] <= m["eval/win_rate_ci_high"] and 0 < m["eval/win_rate_p"] <= 1
+    assert m["eval/win_rate_ci_high"] == pytest.approx(s["eval"]["win_rate_ci_high"])
 
 
 def test_cached_reference_logps_equal_a_direct_forward(cli_run):
