@@ -111,12 +111,14 @@ def resolve_models(cfg: Config, uri: str | None, cache: Path) -> tuple[str, str,
 
 
 def check_judge(cfg: Config) -> None:
-    """eval.judge, checked before any model work: the function importable here, the reward model a local directory."""
+    """eval.judge, checked before any model work: a function importable here, a model judge a local directory."""
     j = cfg.eval.judge
     if j is None or not cfg.eval.generate.prompts:
         return
-    if j.reward_model and not (Path(j.reward_model).expanduser() / "config.json").is_file():
-        raise SetupError(f"eval.judge.reward_model {j.reward_model}: not a local Hugging Face model directory (no config.json)")
+    for key in ("reward_model", "pairwise_model"):
+        path = getattr(j, key)
+        if path and not (Path(path).expanduser() / "config.json").is_file():
+            raise SetupError(f"eval.judge.{key} {path}: not a local Hugging Face model directory (no config.json)")
     generate.check_judge(cfg)
 
 
