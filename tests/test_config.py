@@ -51,3 +51,23 @@ def test_secrets_are_masked_but_tokenizer_is_not():
     d = masked({"model": {"tokenizer": "org/name", "hf_token": "abc"}, "mlflow": {"api_key": "k", "password": ""}})
     assert d["model"] == {"tokenizer": "org/name", "hf_token": "***"} and d["mlflow"]["api_key"] == "***"
     assert flatten({"a": {"b": 1}, "c": 2}) == {"a.b": 1, "c": 2}
+
+
+def test_judge_choices_are_checked_before_any_work(tmp_path):
+    from pipeline.context import check_judge
+    from pipeline.runtime import SetupError
+
+    demo = lambda *sets: load_config("configs/demo.yaml", list(sets))  # noqa: E731  (its judge: a function)
+    with pytest.raises(ConfigError, match="set exactly one of reward_model .* pairwise_function"):
+        demo("eval.judge.pairwise_function=my_rules:compare")
+    cfg = demo("eval.judge.function=null", "eval.judge.pairwise_function=tests.judges_for_tests:pairwise_words_prefers_a")
+    assert cfg.eval.judge.pairwise and cfg.eval.judge.kind == "pairwise function tests.judges_for_tests:pairwise_words_prefers_a"
+    check_judge(cfg)  # importable: passes
+    with pytest.raises(ConfigError, match=r"pairwise_prompt: it must contain \{b\}"):
+        demo("eval.judge.function=null", f"eval.judge.pairwise_model={tmp_path}", "eval.judge.pairwise_prompt=Is {a} better? {prompt}")
+    with pytest.raises(ConfigError, match="pairwise_labels: two different"):
+        demo("eval.judge.function=null", f"eval.judge.pairwise_model={tmp_path}", "eval.judge.pairwise_labels=[A, A]")
+    with pytest.raises(SetupError, match=f"eval.judge.pairwise_model {tmp_path}: not a local Hugging Face model directory"):
+        check_judge(demo("eval.judge.function=null", f"eval.judge.pairwise_model={tmp_path}"))
+    with pytest.raises(ConfigError, match="min_confidence"):
+        demo("registry.min_confidence=1")
