@@ -547,7 +547,7 @@ def finish_iteration(cfg: Config, ctx: Context, parent, rows: list[dict], out_di
         log_evaluation(parent, evaluation, step=len(rows))
     logged = log_model(cfg, parent, model_dir, out_dir)
     if evaluation is not None:
-        summary["registry"] = sequence.registration(cfg, ctx, shared, parent, evaluation, logged)
+        summary["registry"] = sequence.registration(cfg, ctx, shared, parent, evaluation, logged, model_dir=model_dir)
     summary["wall_seconds"] = round(time.time() - t_start, 1)
     parent.flush()
     summary["mlflow_values_lost"] = parent.lost

@@ -115,7 +115,8 @@ def iteration(tmp_path_factory, cache_dir, small_pairs, demo_model, ray_local):
     from pipeline.iterate import iterate
 
     tmp = tmp_path_factory.mktemp("iterate")
-    cfg = load_config("configs/iterate-demo.yaml", iterate_sets(tmp, cache_dir, small_pairs))
+    # with registry.name: the output model goes through the champion/challenger gate like any run's
+    cfg = load_config("configs/iterate-demo.yaml", iterate_sets(tmp, cache_dir, small_pairs, **{"registry.name": "iterate-test"}))
     seen = []
 
     def stop_after_round_1_training(r, phase):
@@ -160,6 +161,7 @@ def test_round_2_trains_from_round_1_with_the_initial_reference(iteration):
     s = iteration["summary"]
     assert Path(s["model_dir"]).is_dir() and s["selected_round"] == 2
     assert fingerprint_model(s["model_dir"]) == t2["model_checksum"]
+    assert s["registry"]["decision"] == "promoted" and s["registry"]["reason"] == "no champion yet"  # the first version
 
 
 @pytest.mark.slow
@@ -198,6 +200,7 @@ def test_mlflow_parent_and_child_runs(iteration):
     for key in ("round/win_rate_vs_previous", "round/judge_mean", "round/length", "round/pairs", "round/ties_dropped",
                 "round/generate_seconds", "round/judge_seconds", "round/train_seconds", "round/evaluate_seconds", "round/tokens_per_second"):
         assert key in parent.data.metrics, key
+    assert parent.data.tags["registry.decision"] == "promoted" and "eval/rewards/accuracies" in parent.data.metrics
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"rounds.json", "win_rate.png", "config.yaml", "iterate_summary.json"} <= arts
     rounds = json.loads(Path(client.download_artifacts(parent.info.run_id, "rounds.json")).read_text())
