@@ -281,7 +281,7 @@ def iterate(cfg: Config, address: str | None = None, on_phase=None) -> dict:
 
 
 def check_inputs(cfg: Config) -> None:
-    """What costs nothing, before any model or Ray work: a pointwise judge, a model each round can start from."""
+    """What costs nothing, before any model or Ray work: a judge that loads, a model each round can start from, prompt files that read."""
     j = cfg.eval.judge
     if j is None:
         raise IterateError("iterate needs eval.judge (a reward_model, a function, a pairwise_model or a pairwise_function) to score the sampled replies")

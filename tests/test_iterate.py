@@ -81,6 +81,25 @@ def test_prompts_of_every_layout(demo_tokenizer):
     assert prompt_ids(demo_tokenizer, json.dumps(msgs), short) == demo_tokenizer(text, add_special_tokens=False)["input_ids"][-3:]
 
 
+def test_rounds_take_other_prompts_and_offline_pairs_are_drawn_per_round(small_pairs):
+    from dpo_ray.config import Config
+    from dpo_ray.data import to_pair
+    from pipeline.artifacts import fingerprint
+    from pipeline.iterate import offline_pairs, round_prompts
+
+    cfg = Config.model_validate({"data": {"train": [str(small_pairs)]}, "iterate": {"max_prompts": 4, "seed": 1}})
+    train = [{"prompt_id": str(i)} for i in range(10)]
+    r1, r2, r3 = (round_prompts(cfg, train, r) for r in (1, 2, 3))
+    assert len(r1) == len(r2) == 4 and not {p["prompt_id"] for p in r1} & {p["prompt_id"] for p in r2}
+    assert len({p["prompt_id"] for p in r1 + r2 + r3}) == 10  # round 3 wraps around: every prompt seen
+    assert round_prompts(cfg.model_copy(update={"iterate": cfg.iterate.model_copy(update={"max_prompts": None})}), train, 2) == train
+    a, again, other = offline_pairs(cfg, 5, 1, set()), offline_pairs(cfg, 5, 1, set()), offline_pairs(cfg, 5, 2, set())
+    assert len(a) == 5 and a == again and a != other  # drawn by (seed, round)
+    assert all(to_pair(x).layout == "conversational_implicit" for x in a)  # a layout prepare reads
+    held = {fingerprint("prompt", json.dumps(x["chosen"][:-1], ensure_ascii=False)) for x in a}  # their prompts' ids
+    assert not [x for x in offline_pairs(cfg, 5, 1, held) if x in a]  # pairs of held-out prompts are never drawn
+
+
 def test_no_prompts_is_one_line(tmp_path, cache_dir, demo_model):
     from dpo_ray.config import load_config
     from pipeline.iterate import IterateError, iterate
