@@ -77,7 +77,8 @@ def trained_part(cfg: Config, ctx: Context, shared: Shared, tracker, stages: tup
     evaluation, logged = None, False
     if "evaluate" in stages:
         evaluation = evaluate.evaluate_policy(cfg, ctx, shared.ref, model_dir, shared.baseline)
-        log_evaluation(tracker, evaluation, step=summary.get("train", {}).get("steps") or 0)
+        log_evaluation(tracker, evaluation, step=summary.get("train", {}).get("steps") or 0,
+                       judge_kind=cfg.eval.judge.kind if cfg.eval.judge else None)
         summary.update(evaluation.summary())
         logged = log_model(cfg, tracker, model_dir, ctx.out_dir) if log_the_model else False
     if "train" in stages:
