@@ -544,7 +544,7 @@ def finish_iteration(cfg: Config, ctx: Context, parent, rows: list[dict], out_di
     if cfg.registry.name:  # gated like any run: the offline data's held-out pairs against the initial model
         shared = sequence.shared_part(cfg, ctx, ("prepare", "reference", "evaluate"))
         evaluation = evaluate.evaluate_policy(cfg, ctx, shared.ref, model_dir, shared.baseline)
-        log_evaluation(parent, evaluation, step=len(rows))
+        log_evaluation(parent, evaluation, step=len(rows), judge_kind=cfg.eval.judge.kind)
     logged = log_model(cfg, parent, model_dir, out_dir)
     if evaluation is not None:
         summary["registry"] = sequence.registration(cfg, ctx, shared, parent, evaluation, logged, model_dir=model_dir)
