@@ -101,3 +101,22 @@ def load(directory: Path, policy, model, optimizer, fsdp: bool, lora: bool) -> d
     if rng.exists():  # a rank the checkpoint did not have (resumed with more workers) keeps its seeded generator
         torch.set_rng_state(load_file(str(rng))["torch_rng"])
     return json.loads((directory / "state.json").read_text())
+
+
+def load_optimizer(directory: Path, policy, optimizer, fsdp: bool, lora: bool) -> int:
+    """Only the optimizer state of a checkpoint (train.optimizer_from: the weights come from elsewhere, the step count
+    stays 0); every rank calls it. Returns the checkpoint's step."""
+    problem = mismatch(directory, "fsdp" if fsdp else "ddp", lora)
+    if problem:
+        raise ValueError(problem)
+    if fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        loaded = {"optim": get_optimizer_state_dict(policy, optimizer, options=_options(lora))}
+        dcp.load(loaded, checkpoint_id=str(directory / DCP))  # the optimizer's entries only, resharded to these workers
+        set_optimizer_state_dict(policy, optimizer, optim_state_dict=loaded["optim"], options=_options(lora))
+    else:
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+    return int(json.loads((directory / "state.json").read_text())["step"])
+

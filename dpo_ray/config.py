@@ -223,6 +223,10 @@ class TrainConfig(_Strict):
     resume_from: str | None = Field(None, description=(
         "a checkpoint directory to start from (e.g. <storage>/dpo-.../checkpoint_...), possibly written with another "
         "number of workers; a rerun of the same config resumes its own last checkpoint without it"))
+    optimizer_from: str | None = Field(None, description=(
+        "a checkpoint directory whose optimizer state (only: AdamW's moments and step counts) this training starts with; the "
+        "weights come from model.policy and the schedule starts at step 0 (iterate.keep_optimizer sets it to the previous "
+        "round's last checkpoint); the same strategy and LoRA setting as the checkpoint's"))
 
     @model_validator(mode="after")
     def _loss_is_consistent(self) -> "TrainConfig":
@@ -434,6 +438,9 @@ class IterateConfig(_Strict):
     reference: Literal["initial", "previous"] = Field("initial", description=(
         "the DPO reference of each round: initial (the starting model; its log-probs are cached by content) or previous "
         "(the round's starting policy)"))
+    keep_optimizer: bool = Field(False, description=(
+        "round r > 1 starts with the optimizer state of round r-1's last checkpoint (train.optimizer_from): AdamW's moments "
+        "carry over; false: a fresh optimizer each round"))
     stop_below: float | None = Field(None, ge=0, le=1, description=(
         "stop after a round whose win rate against the previous round is below this; None: run every round"))
     select: Literal["last", "best"] = Field("last", description=(

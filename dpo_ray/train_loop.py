@@ -233,7 +233,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = parallel.make_optimizer(policy, t, device)
     precision = autocast(bf16, device)  # the reference and evaluation scorers compute the same way (dpo_ray.scoring)
     spec = t.loss  # the loss terms and their settings (dpo_ray.losses.LossSpec)
-    start_step, loss_first = resume(t.resume_from, policy, model, optimizer, fsdp, lora, plan, tracker)
+    start_step, loss_first = resume(t, policy, model, optimizer, fsdp, lora, plan, tracker)
     save = lambda d, state: checkpoint.save(d, policy, model, optimizer, state, rank, fsdp, lora, final=state["step"] == total_steps)  # noqa: E731
     batches = prefetched(lambda step: reader.read(plan.positions(step)), range(start_step, total_steps), ahead=t.prefetch_steps)
     tracker.info(start_line(t, plan, index.nbytes() / 2**20, wrapper.packed, bf16, device.type,
@@ -288,12 +288,17 @@ def train_loop_per_worker(config: dict) -> None:
     tracker.info("train: done, %d steps in %.0f s", total_steps - start_step, time.time() - t_start)
 
 
-def resume(resume_from: str | None, policy, model, optimizer, fsdp: bool, lora: bool, plan: StepPlan, tracker: Tracker):
+def resume(t, policy, model, optimizer, fsdp: bool, lora: bool, plan: StepPlan, tracker: Tracker):
     """(the step to start at, the run's first loss) from Ray Train's latest checkpoint of this run, else from
-    train.resume_from, else (0, None). A restart of this run (a lost worker or node, a resize) is tagged in MLflow."""
+    train.resume_from, else (0, None), with train.optimizer_from's optimizer state when set. A restart of this run (a
+    lost worker or node, a resize) is tagged in MLflow."""
     restart = ray.train.get_checkpoint()  # Ray's own first
-    ckpt = restart or (ray.train.Checkpoint(resume_from) if resume_from else None)
+    ckpt = restart or (ray.train.Checkpoint(t.resume_from) if t.resume_from else None)
     if not ckpt:
+        if t.optimizer_from:  # a new training that keeps an earlier one's optimizer (iterate.keep_optimizer)
+            with ray.train.Checkpoint(t.optimizer_from).as_directory() as d:
+                step = checkpoint.load_optimizer(Path(d), policy, optimizer, fsdp, lora)
+            tracker.info(f"train: the optimizer state of {t.optimizer_from} (its step {step}); the weights from model.policy, from step 0")
         return 0, None
     with ckpt.as_directory() as d:
         state = checkpoint.load(Path(d), policy, model, optimizer, fsdp, lora)

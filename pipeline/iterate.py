@@ -342,8 +342,11 @@ def _iterate(cfg: Config, out_dir: Path, address: str | None, on_phase) -> dict:
 
 def round_config(cfg: Config, rnd: Round, start: str, reference: str, files: list[str], ctx: Context) -> Config:
     """The round's training config: its pairs as data.train (no eval split: the held-out prompts are iterate's own), the
-    round's starting policy and reference, its own output directory."""
-    return with_overrides(cfg, {
+    round's starting policy and reference, its own output directory; with iterate.keep_optimizer, from round 2 on, the
+    optimizer state of the previous round's last checkpoint."""
+    previous = rnd.dir.parent / f"round-{rnd.r - 1}" / "train.json"
+    keep = {"train.optimizer_from": json.loads(previous.read_text())["train"]["checkpoint"]} if cfg.iterate.keep_optimizer and rnd.r > 1 else {}
+    return with_overrides(cfg, {**keep,
         "output_dir": str(rnd.dir), "data.train": files, "data.eval": None, "data.eval_fraction": 0.0, "data.columns": None,
         "model.policy": start, "model.reference": reference, "model.tokenizer": ctx.tokenizer_path,
         "eval.generate.prompts": 0, "registry.name": None, "registry.metric": "rewards/accuracies",

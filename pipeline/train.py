@@ -60,10 +60,9 @@ def fit(cfg, ctx, ref, run_id: str | None = None, name: str | None = None, callb
     name keeps the pairs per step, not how they are split over workers. A sweep's trial passes its own name (its trial
     id) and Ray Tune's TuneReportCallback."""
     t = cfg.train
-    if t.resume_from and "://" not in t.resume_from:  # checked here, before any worker starts (object stores: by the workers)
-        problem = checkpoint.mismatch(Path(t.resume_from), t.strategy, t.lora is not None)
-        if problem:
-            raise TrainingError(f"train.resume_from: {problem}")
+    for key in ("resume_from", "optimizer_from"):  # checked here, before any worker starts (object stores: by the workers)
+        if (path := getattr(t, key)) and "://" not in path and (problem := checkpoint.mismatch(Path(path), t.strategy, t.lora is not None)):
+            raise TrainingError(f"train.{key}: {problem}")
     use_gpu, cpus_per_worker = ctx.use_gpu, ctx.cpus_per_worker
     name = name or "dpo-" + fingerprint(ref.key, ctx.policy_path, t.model_dump(exclude=WORKER_LAYOUT), t.step_pairs, cfg.seed)
     storage = cfg.train.storage_path or str(Path(cfg.output_dir).resolve() / "ray_train")

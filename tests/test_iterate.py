@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from dpo_ray.pairing import build_pairs
 
@@ -135,7 +136,8 @@ def iteration(tmp_path_factory, cache_dir, small_pairs, demo_model, ray_local):
 
     tmp = tmp_path_factory.mktemp("iterate")
     # with registry.name: the output model goes through the champion/challenger gate like any run's
-    cfg = load_config("configs/iterate-demo.yaml", iterate_sets(tmp, cache_dir, small_pairs, **{"registry.name": "iterate-test"}))
+    cfg = load_config("configs/iterate-demo.yaml", iterate_sets(tmp, cache_dir, small_pairs, **{"registry.name": "iterate-test",
+                                                                                              "iterate.keep_optimizer": "true"}))
     seen = []
 
     def stop_after_round_1_training(r, phase):
@@ -177,6 +179,9 @@ def test_round_2_trains_from_round_1_with_the_initial_reference(iteration):
     assert t1["reference"] == t2["reference"] == iteration["demo_model"]  # iterate.reference: initial
     assert t2["reference_checksum"] == fingerprint_model(iteration["demo_model"])
     assert t1["train"]["steps"] == t2["train"]["steps"] == 2
+    # iterate.keep_optimizer: round 2 started with round 1's AdamW state, so its step counts run on from 2 to 4
+    adam_steps = lambda t: {float(v["step"]) for v in torch.load(Path(t["train"]["checkpoint"]) / "optimizer.pt", weights_only=True)["state"].values()}  # noqa: E731
+    assert adam_steps(t1) == {2.0} and adam_steps(t2) == {4.0}
     s = iteration["summary"]
     assert Path(s["model_dir"]).is_dir() and s["selected_round"] == 2
     assert fingerprint_model(s["model_dir"]) == t2["model_checksum"]
