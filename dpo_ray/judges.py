@@ -70,6 +70,25 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e)[:300]}{where}"
 
 
+def load_judge(auto_class, path: str, trust_remote_code: bool, token: str | None, threads: int | None, key: str, kind: str):
+    """(tokenizer, model in eval mode on its device, device) of a model judge: bf16 on CUDA, fp32 on CPU with the
+    actor's threads; a JudgeError naming `key` when it does not load as `kind`."""
+    import torch
+    from transformers import AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+    device = torch.device("cuda" if cuda else "cpu")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, token=token)
+        model = auto_class.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32, trust_remote_code=trust_remote_code,
+                                           token=token).eval().to(device)
+    except (OSError, ValueError) as e:
+        raise JudgeError(f"{key} {path}: cannot load it as {kind} ({str(e).splitlines()[0][:200]})") from None
+    return tok, model, device
+
+
 class FunctionJudge:
     """fn(prompt: str, reply: str) -> float, per row; its own exceptions and non-finite results become row errors."""
 
@@ -96,19 +115,10 @@ class RewardModelJudge:
     model's own chat template (plain concatenation without one), cut to max_length tokens from the left."""
 
     def __init__(self, path: str, trust_remote_code: bool = False, token: str | None = None, max_length: int = 4096, threads: int | None = None):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        cuda = torch.cuda.is_available()
-        if not cuda:
-            torch.set_num_threads(threads or os.cpu_count() or 1)
-        self.device = torch.device("cuda" if cuda else "cpu")
-        try:
-            self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, token=token)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=torch.bfloat16 if cuda else torch.float32, trust_remote_code=trust_remote_code, token=token).eval().to(self.device)
-        except (OSError, ValueError) as e:
-            raise JudgeError(f"eval.judge.reward_model {path}: cannot load it as a sequence-classification model ({str(e).splitlines()[0][:200]})") from None
+        self.tok, self.model, self.device = load_judge(AutoModelForSequenceClassification, path, trust_remote_code, token, threads,
+                                                       "eval.judge.reward_model", "a sequence-classification model")
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side, self.tok.truncation_side = "right", "left"
@@ -176,19 +186,10 @@ class PairwiseModelJudge:
 
     def __init__(self, path: str, template: str, labels: tuple[str, str] = ("A", "B"), trust_remote_code: bool = False,
                  token: str | None = None, max_length: int = 4096, threads: int | None = None):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        cuda = torch.cuda.is_available()
-        if not cuda:
-            torch.set_num_threads(threads or os.cpu_count() or 1)
-        self.device = torch.device("cuda" if cuda else "cpu")
-        try:
-            self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, token=token)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch.bfloat16 if cuda else torch.float32, trust_remote_code=trust_remote_code, token=token).eval().to(self.device)
-        except (OSError, ValueError) as e:
-            raise JudgeError(f"eval.judge.pairwise_model {path}: cannot load it as a causal LM ({str(e).splitlines()[0][:200]})") from None
+        self.tok, self.model, self.device = load_judge(AutoModelForCausalLM, path, trust_remote_code, token, threads,
+                                                       "eval.judge.pairwise_model", "a causal LM")
         if not self.tok.chat_template:
             raise JudgeError(f"eval.judge.pairwise_model {path}: its tokenizer has no chat template; a pairwise judge must be a chat model")
         if self.tok.pad_token_id is None:

@@ -271,3 +271,16 @@ def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def keyed_state(path: Path, key: str, refuse) -> dict:
+    """The state file of a driver that continues where it stopped (<output_dir>/sweep.json, iterate.json): read, its
+    `key` (the config's fingerprint) checked against this one's (`refuse()`: the exception when another config made
+    it), written back with the key. Returns the state."""
+    state = json.loads(path.read_text()) if path.exists() else {}
+    if state and state.get("key") != key:
+        raise refuse()
+    state["key"] = key
+    write_json_atomic(path, state)
+    return state
+

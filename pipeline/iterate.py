@@ -35,7 +35,7 @@ from dpo_ray.pairing import build_pairs
 from dpo_ray.tracking import RunLogger
 
 from . import evaluate, generate, sequence, sources
-from .artifacts import exclusive, fingerprint, resolve_data_files, write_json_atomic
+from .artifacts import exclusive, fingerprint, keyed_state, resolve_data_files, write_json_atomic
 from .context import Context, check_output_dir, preflight
 from .export import replace_dir
 from .lease import naming_run
@@ -237,13 +237,9 @@ def iterate_state(out_dir: Path, cfg: Config) -> dict:
     dump.pop("output_dir")
     key = fingerprint("iterate", json.dumps(dump, sort_keys=True, default=str))
     path = out_dir / "iterate.json"
-    state = json.loads(path.read_text()) if path.exists() else {}
-    if state and state.get("key") != key:
-        raise IterateError(f"{out_dir} holds another iteration (another config); set output_dir to a new directory, or delete "
-                           f"{path} and {out_dir / 'rounds'} to start this one over (only iterate.rounds, stop_below and select may change)")
-    state["key"] = key
-    write_json_atomic(path, state)
-    return state
+    return keyed_state(path, key, lambda: IterateError(
+        f"{out_dir} holds another iteration (another config); set output_dir to a new directory, or delete {path} and "
+        f"{out_dir / 'rounds'} to start this one over (only iterate.rounds, stop_below and select may change)"))
 
 
 class Round:

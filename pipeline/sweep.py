@@ -22,7 +22,7 @@ from dpo_ray.config import Config, ConfigError, masked, with_overrides
 from dpo_ray.tracking import RunLogger
 
 from . import sequence
-from .artifacts import exclusive, fingerprint, write_json_atomic
+from .artifacts import exclusive, fingerprint, keyed_state, write_json_atomic
 from .context import Context, check_output_dir, preflight, resolve
 from .evaluate import Evaluation
 from .export import replace_dir
@@ -195,13 +195,8 @@ def sweep_state(out_dir: Path, cfg: Config) -> dict:
     """<output_dir>/sweep.json: the sweep's fingerprint and parent run; another sweep in the same output_dir is refused."""
     key = fingerprint("sweep", json.dumps(masked(cfg.model_dump()), sort_keys=True, default=str))
     path = out_dir / "sweep.json"
-    state = json.loads(path.read_text()) if path.exists() else {}
-    if state and state.get("key") != key:
-        raise SetupError(f"{out_dir} holds another sweep (other config or space); set output_dir to a new directory, "
-                         f"or delete {path} and {out_dir / 'tune'} to start this one over")
-    state["key"] = key
-    write_json_atomic(path, state)
-    return state
+    return keyed_state(path, key, lambda: SetupError(f"{out_dir} holds another sweep (other config or space); set output_dir to a new "
+                                                     f"directory, or delete {path} and {out_dir / 'tune'} to start this one over"))
 
 
 def concurrency(cfg: Config, use_gpu: bool) -> int:
