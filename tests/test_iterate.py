@@ -211,6 +211,27 @@ def test_pairs_are_best_against_worst_with_provenance(iteration):
 
 
 @pytest.mark.slow
+def test_a_pairwise_judge_pairs_by_its_round_robin(iteration):
+    """With eval.judge.pairwise_function a round's replies are scored by a round robin per prompt in both orders: with
+    2 samples a prompt, each reply's score is its two-order win probability against the other, k(k-1) = 2 calls."""
+    from dpo_ray.config import with_overrides
+    from dpo_ray.judges import last_user
+    from pipeline.iterate import score_samples
+    from tests.judges_for_tests import pairwise_words_prefers_a
+
+    samples = pd.read_parquet(iteration["out"] / "rounds" / "round-1" / "samples.parquet")
+    cfg = with_overrides(iteration["cfg"], {"eval.judge.function": None,
+                                            "eval.judge.pairwise_function": "tests.judges_for_tests:pairwise_words_prefers_a"}, "test")
+    scored = score_samples(cfg, samples, use_gpu=False)
+    p = lambda q, a, b: (pairwise_words_prefers_a(q, a, b) + 1 - pairwise_words_prefers_a(q, b, a)) / 2  # noqa: E731
+    other = {(r.prompt_id, r.sample): r.reply for r in samples.itertuples()}
+    want = [p(last_user(r.prompt_json), r.reply, other[(r.prompt_id, 1 - r.sample)]) for r in samples.itertuples()]
+    assert scored.score.tolist() == pytest.approx(want) and (scored.error == "").all()
+    made = build_pairs(scored.to_dict("records"), "best_worst", 0.0, 1)
+    assert all(x["chosen_score"] > x["rejected_score"] and x["chosen_score"] == pytest.approx(1 - x["rejected_score"]) for x in made.pairs)
+
+
+@pytest.mark.slow
 def test_mlflow_parent_and_child_runs(iteration):
     from mlflow.tracking import MlflowClient
 
