@@ -94,19 +94,26 @@ def open_run(cfg: Config, ctx: Context, prepared, ref, stages: tuple[str, ...], 
     return tracker
 
 
-def child_run(cfg: Config, ctx: Context, prepared, ref, parent_run_id: str, trial_id: str, overrides: dict):
-    """The trial's MLflow run under the sweep's; a restarted trial finds and continues its own."""
+def nested_run(cfg: Config, ctx: Context, prepared, ref, parent_run_id: str, key_tag: str, key: str, stages: tuple[str, ...],
+               name: str, tags: dict):
+    """A child MLflow run under `parent_run_id`, found again by its `key_tag` = `key` (a restarted trial or a continued
+    round continues its own run, set RUNNING again), else opened with `name` and `tags`."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(ctx.uri)
     exp_id = client.get_run(parent_run_id).info.experiment_id
-    found = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`dpo_ray.trial_id` = '{trial_id}'")
+    found = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{key_tag}` = '{key}'")
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return RunLogger(ctx.uri, found[0].info.run_id)
+    return open_run(cfg, ctx, prepared, ref, stages, name=name, tags={"mlflow.parentRunId": parent_run_id, key_tag: key, **tags})
+
+
+def child_run(cfg: Config, ctx: Context, prepared, ref, parent_run_id: str, trial_id: str, overrides: dict):
+    """The trial's MLflow run under the sweep's; a restarted trial finds and continues its own."""
     name = f"{trial_id} " + " ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
-    tags = {"mlflow.parentRunId": parent_run_id, "dpo_ray.trial_id": trial_id, "dpo_ray.sweep_overrides": json.dumps(overrides)}
-    return open_run(cfg, ctx, prepared, ref, ("train", "evaluate"), name=name, tags=tags)
+    return nested_run(cfg, ctx, prepared, ref, parent_run_id, "dpo_ray.trial_id", trial_id, ("train", "evaluate"), name,
+                      {"dpo_ray.sweep_overrides": json.dumps(overrides)})
 
 
 def parent_run(cfg: Config, ctx: Context, state: dict, out_dir: Path):
@@ -205,13 +212,5 @@ def iterate_parent_run(cfg: Config, ctx: Context, state: dict, out_dir: Path, pr
 
 def round_run(cfg: Config, ctx: Context, prepared, ref, parent_run_id: str, round_no: int):
     """A round's MLflow run under the iterate run (a round continued after an interruption finds its own again)."""
-    from mlflow.tracking import MlflowClient
+    return nested_run(cfg, ctx, prepared, ref, parent_run_id, "dpo_ray.round", str(round_no), ("train",), f"round-{round_no}", {})
 
-    client = MlflowClient(ctx.uri)
-    exp_id = client.get_run(parent_run_id).info.experiment_id
-    found = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`dpo_ray.round` = '{round_no}'")
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return RunLogger(ctx.uri, found[0].info.run_id)
-    tags = {"mlflow.parentRunId": parent_run_id, "dpo_ray.round": str(round_no)}
-    return open_run(cfg, ctx, prepared, ref, ("train",), name=f"round-{round_no}", tags=tags)
